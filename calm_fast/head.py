@@ -1,0 +1,171 @@
+"""The CALM and CAM head math: plain PyTorch in log space, and the dispatch to the fused Triton kernels.
+
+Notation (spec CALM.md §1): S = class logits [B, K, H, W], a = location scores [B, 1, H, W] (before the
+prior's ReLU or softmax), z ranges over the N = H·W cells.
+
+    log p(y | z, x) = log_softmax_K(S)[:, :, z]
+    log p(z | x)    = log relu(a_z) - log sg(Σ relu(a))      prior "relu" (the reference; sg = stop-gradient)
+                    = log_softmax_N(a)                         prior "softmax"
+    log p(y, z | x) = log p(y | z, x) + log p(z | x)
+    log p(y | x)    = logsumexp_z log p(y, z | x)
+
+Everything is computed in fp32 whatever the input dtype, in log space (no product of probabilities), so
+nothing overflows for logits of ±1e4 and nothing is NaN. Choices that differ from the reference, on purpose:
+- where relu(a) is zero on every cell of an image the reference divides by zero; here that image's prior is
+  uniform, 1/N;
+- the reference adds 1e-8 to prior entries below 1e-8 before its EM log; here log p(z) is exact (-inf on
+  cells with zero prior, which then carry zero posterior and contribute nothing).
+
+The plain-PyTorch functions are the oracle that the kernels in `calm_fast.kernels` are tested against.
+`backend="auto"` uses the kernels for CUDA tensors and PyTorch elsewhere; the environment variable
+CALM_FAST_HEAD_BACKEND (torch | triton | auto) changes the default.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+PRIORS = ("relu", "softmax")
+OBJECTIVES = ("em", "ml", "cam")
+METHODS = ("cam", "calm-em", "calm-ml")
+MAP_KINDS = ("joint", "posterior", "prior", "class")
+BACKENDS = ("auto", "torch", "triton")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r}: expected one of {', '.join(choices)}")
+
+
+def _flatten_inputs(class_logits: torch.Tensor, location_scores: torch.Tensor):
+    """[B,K,H,W], [B,1,H,W] -> fp32 [B,K,N], [B,N], after checking the shapes agree."""
+    if class_logits.dim() != 4:
+        raise ValueError(f"class_logits must be [B, K, H, W], got shape {tuple(class_logits.shape)}")
+    b, k, h, w = class_logits.shape
+    if location_scores is None or tuple(location_scores.shape) != (b, 1, h, w):
+        got = None if location_scores is None else tuple(location_scores.shape)
+        raise ValueError(f"location_scores must be [B, 1, H, W] = {(b, 1, h, w)}, got {got}")
+    return class_logits.float().reshape(b, k, h * w), location_scores.float().reshape(b, h * w)
+
+
+def log_prior(location_scores_flat: torch.Tensor, prior: str = "relu") -> torch.Tensor:
+    """log p(z | x) from fp32 location scores [B, N]; -inf on cells whose relu prior is zero."""
+    _check_choice("prior", prior, PRIORS)
+    if prior == "softmax":
+        return torch.log_softmax(location_scores_flat, dim=1)
+    r = torch.relu(location_scores_flat)
+    positive = r > 0
+    # log of the substituted 1 keeps the masked branch finite, so its (zero) gradient is not NaN.
+    log_r = torch.where(positive, torch.log(torch.where(positive, r, torch.ones_like(r))), float("-inf"))
+    log_norm = torch.logsumexp(log_r, dim=1, keepdim=True).detach()
+    uniform = torch.full_like(log_r, -math.log(r.shape[1]))
+    all_zero = ~positive.any(dim=1, keepdim=True)
+    return torch.where(all_zero, uniform, log_r - log_norm)
+
+
+def log_joint(class_logits: torch.Tensor, location_scores: torch.Tensor, prior: str = "relu") -> torch.Tensor:
+    """log p(y, z | x) as fp32 [B, K, N]."""
+    s, a = _flatten_inputs(class_logits, location_scores)
+    return torch.log_softmax(s, dim=1) + log_prior(a, prior).unsqueeze(1)
+
+
+def _use_kernels(tensor: torch.Tensor, backend: str | None) -> bool:
+    backend = backend or os.environ.get("CALM_FAST_HEAD_BACKEND", "auto")
+    _check_choice("backend", backend, BACKENDS)
+    if backend == "auto":
+        return tensor.is_cuda
+    return backend == "triton"
+
+
+def _fused(class_logits, location_scores, labels, prior):
+    from calm_fast.kernels.calm_head import calm_head
+
+    b, k, h, w = class_logits.shape
+    if location_scores is None or tuple(location_scores.shape) != (b, 1, h, w):
+        raise ValueError(f"location_scores must be [B, 1, H, W] = {(b, 1, h, w)}")
+    return calm_head(class_logits.reshape(b, k, h * w), location_scores.reshape(b, h * w), prior, labels)
+
+
+def log_marginal(class_logits, location_scores, prior: str = "relu", backend: str | None = None):
+    """log p(y | x) for every class: fp32 [B, K]."""
+    _check_choice("prior", prior, PRIORS)
+    if _use_kernels(class_logits, backend):
+        return _fused(class_logits, location_scores, None, prior)[0]
+    return torch.logsumexp(log_joint(class_logits, location_scores, prior), dim=2)
+
+
+def cam_log_probs(class_logits: torch.Tensor) -> torch.Tensor:
+    """CAM's log p(y | x) = log_softmax(GAP(S)): fp32 [B, K]."""
+    return torch.log_softmax(class_logits.float().mean(dim=(2, 3)), dim=1)
+
+
+def class_log_probs(class_logits, location_scores, method: str, prior: str = "relu", backend=None):
+    """log p(y | x) used for classification by any method: fp32 [B, K]."""
+    _check_choice("method", method, METHODS)
+    if method == "cam":
+        return cam_log_probs(class_logits)
+    return log_marginal(class_logits, location_scores, prior, backend)
+
+
+def _entropy_from_log(log_q: torch.Tensor) -> torch.Tensor:
+    q = log_q.exp()
+    return -torch.where(q > 0, q * log_q, torch.zeros_like(q)).sum(dim=-1)
+
+
+def calm_loss(class_logits, location_scores, labels, objective: str = "em", prior: str = "relu", backend=None):
+    """Mean training loss over the batch.
+
+    "ml": -log p(y | x). "em": the EM M-step loss -Σ_z q(z) log p(y, z | x) with q = p(z | x, y) detached;
+    its value is L_ml + H(q) and its gradient equals that of "ml" (Fisher's identity, CALM.md §1), which is
+    how the fused path computes it. "cam": cross-entropy of GAP(S) (location_scores may be None).
+    """
+    _check_choice("objective", objective, OBJECTIVES)
+    labels = labels.long()
+    if objective == "cam":
+        return F.nll_loss(cam_log_probs(class_logits), labels)
+    if _use_kernels(class_logits, backend):
+        log_marg, log_post = _fused(class_logits, location_scores, labels, prior)
+        nll = -log_marg.gather(1, labels[:, None]).squeeze(1)
+        if objective == "em":
+            nll = nll + _entropy_from_log(log_post.detach())
+        return nll.mean()
+    joint = log_joint(class_logits, location_scores, prior)  # [B, K, N]
+    joint_y = joint.gather(1, labels[:, None, None].expand(-1, 1, joint.shape[2])).squeeze(1)  # [B, N]
+    log_marg_y = torch.logsumexp(joint_y, dim=1)
+    if objective == "ml":
+        return -log_marg_y.mean()
+    q = (joint_y - log_marg_y[:, None]).exp().detach()
+    # Cells with q = 0 (zero prior) contribute nothing; where() keeps 0 * -inf from becoming NaN.
+    weighted = torch.where(q > 0, q * joint_y, torch.zeros_like(joint_y))
+    return -weighted.sum(dim=1).mean()
+
+
+def attribution_map(class_logits, location_scores, labels, kind: str = "joint", prior: str = "relu"):
+    """Map of class `labels[i]` for each image: fp32 [B, H, W].
+
+    joint = p(y, z | x) (the CALM map), posterior = p(z | x, y), prior = p(z | x) (class-agnostic),
+    class = S[y] (raw class logits, the CAM map). location_scores may be None for kind "class".
+    """
+    _check_choice("kind", kind, MAP_KINDS)
+    b, k, h, w = class_logits.shape
+    labels = labels.long()
+    if kind == "class":
+        return class_logits.float()[torch.arange(b, device=labels.device), labels]
+    if kind == "prior":
+        _, a = _flatten_inputs(class_logits, location_scores)
+        return log_prior(a, prior).exp().reshape(b, h, w)
+    joint = log_joint(class_logits, location_scores, prior)
+    joint_y = joint[torch.arange(b, device=labels.device), labels]  # [B, N]
+    if kind == "posterior":
+        joint_y = joint_y - torch.logsumexp(joint_y, dim=1, keepdim=True)
+    return joint_y.exp().reshape(b, h, w)
+
+
+def method_objective(method: str) -> str:
+    """The training objective of a method name: cam -> cam, calm-em -> em, calm-ml -> ml."""
+    _check_choice("method", method, METHODS)
+    return {"cam": "cam", "calm-em": "em", "calm-ml": "ml"}[method]

@@ -1,0 +1,1 @@
+"""Fused Triton kernels of the CALM head (imported as calm_fast.kernels)."""
