@@ -1,0 +1,188 @@
+"""Training checkpoints: atomic, resumable, pruned to the last k, and exportable to a plain state dict.
+
+Layout of a run folder:
+
+    <run_dir>/checkpoints/step_00001200/
+        ds/                      DeepSpeed's files: module weights, (ZeRO-sharded) optimizer, LR scheduler,
+                                 and our client state (step, epoch, batch geometry)
+        trainer_rank00000.pt     per-rank RNG states (python, numpy, torch, CUDA)
+        config.toml              the config that wrote it
+    <run_dir>/model.pt           consolidated fp32 state dict for evaluation (export_model)
+
+Atomicity: every rank writes into `.tmp-step_N/`; after a barrier the folder is renamed to `step_N`
+(one rename per node, so node-local disks work as well as shared ones). A folder named `step_N` is
+therefore always complete, and the newest one is the checkpoint to resume from; a killed save leaves only
+a `.tmp-*` folder, which the next save removes. Resuming needs every rank's files, so on several nodes
+`run_dir` should be on a shared file system.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from calm_fast.config import Config, config_from_dict, config_to_dict, load_config, save_config
+from calm_fast.distributed import World, barrier
+
+CHECKPOINTS = "checkpoints"
+DEEPSPEED_TAG = "ds"
+CONFIG_FILE = "config.toml"
+EXPORT_FORMAT = "calm-fast-model/1"
+_STEP_DIR = re.compile(r"^step_(\d{8,})$")
+
+
+def checkpoint_root(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / CHECKPOINTS
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def trainer_file(rank: int) -> str:
+    return f"trainer_rank{rank:05d}.pt"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a run as (step, folder), oldest first."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for entry in root.iterdir():
+        match = _STEP_DIR.match(entry.name)
+        if match and entry.is_dir():
+            found.append((int(match.group(1)), entry))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint folder of a run, or None."""
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+# ------------------------------------------------------------------------------------------ RNG state
+
+
+def capture_rng() -> dict[str, Any]:
+    """Every RNG state this process uses (python, numpy, torch CPU, CUDA devices)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------- save / load
+
+
+def save_checkpoint(engine, cfg: Config, world: World, step: int, client_state: dict[str, Any]) -> Path:
+    """Save the engine (weights, optimizer, scheduler), `client_state` and this rank's RNG states as the
+    checkpoint of `step`, atomically, then keep only the newest `cfg.train.keep_last`. Collective."""
+    root = checkpoint_root(cfg.run_dir)
+    final = root / step_dir_name(step)
+    staging = root / f".tmp-{final.name}"
+    if world.is_local_main:
+        # Leftovers of a killed save, or a checkpoint of this step that a resumed run is about to redo.
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(final, ignore_errors=True)
+        staging.mkdir(parents=True, exist_ok=True)
+    barrier()
+    engine.save_checkpoint(str(staging), tag=DEEPSPEED_TAG, client_state=client_state, save_latest=False)
+    torch.save({"rank": world.rank, "rng": capture_rng()}, staging / trainer_file(world.rank))
+    if world.is_main:
+        save_config(cfg, staging / CONFIG_FILE)
+    barrier()
+    if world.is_local_main:
+        try:
+            os.replace(staging, final)
+        except FileNotFoundError:
+            if not final.is_dir():  # on a shared disk another node's rename got there first; anything else
+                raise
+        _prune(cfg.run_dir, cfg.train.keep_last)
+    barrier()
+    return final
+
+
+def _prune(run_dir: str | os.PathLike, keep_last: int) -> None:
+    for _, folder in list_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def load_checkpoint(engine, folder: Path, world: World) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load weights, optimizer and scheduler into `engine`; return (client state, this rank's trainer
+    state with its RNG states). Collective."""
+    folder = Path(folder)
+    own = folder / trainer_file(world.rank)
+    if not own.is_file():
+        raise FileNotFoundError(f"{own}: missing; was {folder} written by a run with a different number of "
+                                f"ranks? (this run has {world.world_size})")
+    load_path, client_state = engine.load_checkpoint(str(folder), tag=DEEPSPEED_TAG, load_optimizer_states=True,
+                                                     load_lr_scheduler_states=True)
+    if load_path is None:
+        raise FileNotFoundError(f"{folder}/{DEEPSPEED_TAG}: DeepSpeed found no checkpoint to load")
+    # Our own file (RNG states hold numpy arrays and tuples), so a full unpickle is safe here.
+    trainer_state = torch.load(own, map_location="cpu", weights_only=False)
+    return client_state, trainer_state
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+
+def export_model(checkpoint: str | os.PathLike, out_path: str | os.PathLike) -> Path:
+    """Consolidate a checkpoint's weights (ZeRO shards included) into one fp32 state dict file.
+
+    The file holds {"format", "state_dict" (keys of WSOLModel.state_dict()), "config" (plain dict),
+    "step"}; read it with `load_exported`. Written atomically.
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / DEEPSPEED_TAG).is_dir():
+        raise FileNotFoundError(f"{checkpoint}: not a calm-fast checkpoint (no {DEEPSPEED_TAG}/ folder)")
+    state_dict = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DEEPSPEED_TAG)
+    cfg = load_config(checkpoint / CONFIG_FILE)
+    match = _STEP_DIR.match(checkpoint.name)
+    payload = {"format": EXPORT_FORMAT, "state_dict": dict(state_dict), "config": config_to_dict(cfg),
+               "step": int(match.group(1)) if match else None}
+    out_path = Path(out_path)
+    atomic_torch_save(payload, out_path)
+    return out_path
+
+
+def load_exported(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Config, int | None]:
+    """(state_dict, config, step) of a file written by export_model."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{path}: not a calm-fast exported model (expected format {EXPORT_FORMAT!r})")
+    return payload["state_dict"], config_from_dict(payload["config"]), payload["step"]
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """torch.save through a temporary file in the same folder and os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

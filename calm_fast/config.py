@@ -1,0 +1,383 @@
+"""Experiment configuration: plain dataclasses loaded from TOML, with dotted command-line overrides.
+
+A config file holds sections that mirror the dataclasses below (`[data]`, `[model]`, `[optim]`, `[train]`,
+`[dist]`, `[eval]`) plus the top-level `run_dir`. A file may start from another one with
+`extends = "relative/path.toml"` (resolved against the extending file's folder); sections are merged key
+by key, the extending file winning. Overrides such as `optim.lr=0.02` or `run_dir=runs/x` are applied
+last; their value is read as a TOML value (`0.02`, `true`, `[30, 50]`, `"text"`), and a value that is not
+valid TOML is taken as a plain string, so `data.dataset=CUB` works without quotes.
+
+Relative paths inside a config (data root, run folder, DeepSpeed JSON) are relative to the working
+directory of the run, not to the config file: the shipped configs expect to be run from the repository
+root. Every unknown section or key is an error that names the file (or the override) and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+METHODS = ("cam", "calm-em", "calm-ml")
+PRIORS = ("relu", "softmax")
+PRECISIONS = ("fp32", "bf16", "fp16")
+ZERO_STAGES = (1, 2)
+SCHEDULES = ("step", "cosine")
+LOADERS = ("auto", "ffcv", "torch")
+MAP_KINDS = ("auto", "joint", "posterior", "prior", "class")
+
+
+class ConfigError(ValueError):
+    """A config file or override is malformed; the message names the file or override and the key."""
+
+
+@dataclass
+class DataConfig:
+    root: str = "data"  # holds metadata/<dataset>/... and the image roots
+    dataset: str = "SYNTH"
+    metadata_root: str | None = None  # default: <root>/metadata
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    # Image roots per split; None takes calm_fast.data.metadata.default_image_root (DATA.md defaults).
+    train_image_root: str | None = None
+    val_image_root: str | None = None
+    test_image_root: str | None = None
+    mask_root: str | None = None  # mask datasets (OpenImages): folder that holds the instance PNGs
+    num_classes: int | None = None  # None: read from the train split's labels
+    input_size: int = 224
+    resize_size: int = 256
+    batch_size: int = 64  # global: summed over ranks and gradient-accumulation steps
+    eval_batch_size: int = 64  # per rank
+    workers: int = 4  # loader processes per rank
+    loader: str = "auto"  # auto | ffcv | torch
+    beton_dir: str | None = None  # FFCV files; default <root>/ffcv
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet50"
+    method: str = "calm-em"  # cam | calm-em | calm-ml
+    prior: str = "relu"  # relu (the reference) | softmax
+    large_feature_map: bool = True
+    pretrained: str | None = None  # torchvision-format ImageNet state dict (local file)
+    batch_norm: bool = False  # BN in the extra VGG/Inception layers
+    sync_batchnorm: bool = False  # SyncBatchNorm across ranks (GPU only)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.01  # base LR of the pretrained part of the backbone
+    head_lr_multiplier: float = 10.0  # LR factor of everything else (CALM.md §3)
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+    schedule: str = "step"  # step: ×lr_decay_factor every lr_decay_frequency epochs | cosine
+    lr_decay_frequency: int = 30  # epochs
+    lr_decay_factor: float = 0.1
+    warmup_steps: int = 0  # linear warm-up from 0, for either schedule
+    min_lr_ratio: float = 0.0  # cosine: final LR as a fraction of the initial one
+    grad_clip: float = 0.0  # max global gradient norm; 0 disables clipping
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 40
+    max_steps: int | None = None  # optimizer steps; stops earlier than `epochs` when set
+    max_minutes: float | None = None  # time budget: stop cleanly (and checkpoint) when it runs out
+    seed: int = 0
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (dynamic loss scaling)
+    zero_stage: int = 1  # ZeRO stage 1 or 2
+    grad_accum: int = 1  # micro-batches per optimizer step on each rank
+    deepspeed_json: str | None = None  # extra DeepSpeed settings (configs/deepspeed/*.json)
+    checkpoint_every: int = 0  # optimizer steps between checkpoints; 0: only at epoch ends and the end
+    keep_last: int = 3  # checkpoints kept on disk
+    log_every: int = 10  # optimizer steps between metric records
+    val_every: int = 1  # epochs between validations; 0 disables periodic validation
+    val_localization: bool = False  # also MaxBoxAccV2 / PxAP on the val split (calm_fast.evaluate)
+    progress: bool = True  # rich progress bar on rank 0
+    tensorboard: bool = True
+    export: bool = True  # write a consolidated fp32 state dict (model.pt) at the end
+
+
+@dataclass
+class DistConfig:
+    timeout_minutes: float = 10.0  # process-group timeout: a collective waiting longer fails
+    watchdog_minutes: float = 20.0  # no finished step for this long: the rank stops with an error
+
+
+@dataclass
+class EvalConfig:
+    split: str = "test"
+    map_kind: str = "auto"  # auto: "class" for cam, "joint" for CALM | joint | posterior | prior | class
+    cam_curve_interval: float = 0.01
+    iou_thresholds: list[int] = field(default_factory=lambda: [30, 50, 70])
+    multi_contour: bool = True  # MaxBoxAccV2 (True) or v1 single-contour boxes
+    batch_size: int = 64  # per rank
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/default"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+TOP_LEVEL_KEYS = ("run_dir",)
+SECTIONS: dict[str, type] = {
+    name: hint for name, hint in typing.get_type_hints(Config).items() if name not in TOP_LEVEL_KEYS
+}
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a TOML config (following `extends`), apply dotted overrides, check types and choices."""
+    raw: dict[str, Any] = {}
+    origin: dict[str, str] = {}  # "section.key" -> where its value came from, for error messages
+    if path is not None:
+        raw, origin = _read_toml_chain(Path(path), seen=())
+    for override in overrides:
+        key, value = parse_override(override)
+        _set_dotted(raw, origin, key, value, f"override {override!r}")
+    return config_from_dict(raw, origin)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`section.key=value` -> ("section.key", value) with the value read as TOML, else as a string."""
+    key, sep, value_text = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {text!r}: expected section.key=value (for example optim.lr=0.02)")
+    try:
+        value = tomllib.loads(f"v = {value_text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = value_text.strip()
+    return key, value
+
+
+def _read_toml_chain(path: Path, seen: tuple[Path, ...]) -> tuple[dict, dict]:
+    resolved = path.resolve()
+    if resolved in seen:
+        chain = " -> ".join(str(p) for p in (*seen, resolved))
+        raise ConfigError(f"{path}: `extends` forms a cycle ({chain})")
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read config ({error.strerror})") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: invalid TOML: {error}") from None
+    parent = data.pop("extends", None)
+    raw: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    if parent is not None:
+        if not isinstance(parent, str):
+            raise ConfigError(f"{path}: `extends` must be a path string, got {parent!r}")
+        raw, origin = _read_toml_chain(path.parent / parent, (*seen, resolved))
+    for key, value in data.items():
+        if isinstance(value, dict):
+            for sub_key, sub_value in value.items():
+                _set_dotted(raw, origin, f"{key}.{sub_key}", sub_value, str(path))
+        else:
+            _set_dotted(raw, origin, key, value, str(path))
+    return raw, origin
+
+
+def _set_dotted(raw: dict, origin: dict, key: str, value: Any, source: str) -> None:
+    parts = key.split(".")
+    if len(parts) == 1:
+        if key in SECTIONS:
+            raise ConfigError(f"{source}: {key!r} is a section; set its keys as {key}.KEY=VALUE")
+        raw[key] = value
+    elif len(parts) == 2:
+        section, name = parts
+        if section in TOP_LEVEL_KEYS:
+            raise ConfigError(f"{source}: {section!r} is a value, not a section (key {key!r})")
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"{source}: {section!r} is a value, not a section (key {key!r})")
+        raw[section][name] = value
+        origin.setdefault(section, source)
+    else:
+        raise ConfigError(f"{source}: key {key!r} has more than one dot; expected section.key")
+    origin[key] = source
+
+
+def config_from_dict(raw: dict[str, Any], origin: dict[str, str] | None = None) -> Config:
+    """Build a Config from nested plain data, checking every key, type and choice."""
+    origin = origin or {}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in TOP_LEVEL_KEYS:
+            kwargs[key] = _coerce(value, str, _where(origin, key), key)
+        elif key in SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{_where(origin, key)}: {key!r} must be a section (a table)")
+            kwargs[key] = _section_from_dict(key, SECTIONS[key], value, origin)
+        else:
+            known = ", ".join([*TOP_LEVEL_KEYS, *SECTIONS])
+            raise ConfigError(f"{_where(origin, key)}: unknown key {key!r} (known: {known})")
+    cfg = Config(**kwargs)
+    validate(cfg, origin)
+    return cfg
+
+
+def _where(origin: dict[str, str], key: str) -> str:
+    return origin.get(key, "config")
+
+
+def _section_from_dict(section: str, cls: type, values: dict, origin: dict[str, str]):
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{section}.{name}"
+        if name not in hints:
+            known = ", ".join(hints)
+            raise ConfigError(f"{_where(origin, key)}: unknown key {key!r} (known in [{section}]: {known})")
+        kwargs[name] = _coerce(value, hints[name], _where(origin, key), key)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, annotation: Any, source: str, key: str) -> Any:
+    """Check `value` against a field annotation; ints are accepted for floats. Returns the value."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        return _coerce(value, non_none[0], source, key)
+    if typing.get_origin(annotation) is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {key} must be a list, got {value!r}")
+        return [_coerce(v, args[0], source, key) for v in value]
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is bool and not isinstance(value, bool):
+        raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
+    if annotation in (int, float, str) and (not isinstance(value, annotation) or isinstance(value, bool)):
+        raise ConfigError(f"{source}: {key} must be {annotation.__name__}, got {value!r}")
+    return value
+
+
+def _choice(cfg_value, choices, key, origin):
+    if cfg_value not in choices:
+        raise ConfigError(f"{_where(origin, key)}: {key}={cfg_value!r}: expected one of "
+                          f"{', '.join(str(c) for c in choices)}")
+
+
+def validate(cfg: Config, origin: dict[str, str] | None = None) -> None:
+    """Check choices and ranges that the types alone do not catch."""
+    origin = origin or {}
+    _choice(cfg.model.method, METHODS, "model.method", origin)
+    _choice(cfg.model.prior, PRIORS, "model.prior", origin)
+    _choice(cfg.train.precision, PRECISIONS, "train.precision", origin)
+    _choice(cfg.train.zero_stage, ZERO_STAGES, "train.zero_stage", origin)
+    _choice(cfg.optim.schedule, SCHEDULES, "optim.schedule", origin)
+    _choice(cfg.data.loader, LOADERS, "data.loader", origin)
+    _choice(cfg.eval.map_kind, MAP_KINDS, "eval.map_kind", origin)
+    positive = {
+        "data.input_size": cfg.data.input_size, "data.resize_size": cfg.data.resize_size,
+        "data.batch_size": cfg.data.batch_size, "data.eval_batch_size": cfg.data.eval_batch_size,
+        "train.epochs": cfg.train.epochs, "train.grad_accum": cfg.train.grad_accum,
+        "train.keep_last": cfg.train.keep_last, "train.log_every": cfg.train.log_every,
+        "optim.lr_decay_frequency": cfg.optim.lr_decay_frequency, "eval.batch_size": cfg.eval.batch_size,
+        "dist.timeout_minutes": cfg.dist.timeout_minutes, "dist.watchdog_minutes": cfg.dist.watchdog_minutes,
+    }
+    non_negative = {
+        "data.workers": cfg.data.workers, "optim.lr": cfg.optim.lr, "optim.weight_decay": cfg.optim.weight_decay,
+        "optim.warmup_steps": cfg.optim.warmup_steps, "optim.grad_clip": cfg.optim.grad_clip,
+        "train.checkpoint_every": cfg.train.checkpoint_every, "train.val_every": cfg.train.val_every,
+    }
+    for key, value in positive.items():
+        if not value > 0:
+            raise ConfigError(f"{_where(origin, key)}: {key} must be > 0, got {value!r}")
+    for key, value in non_negative.items():
+        if not value >= 0:
+            raise ConfigError(f"{_where(origin, key)}: {key} must be >= 0, got {value!r}")
+    if cfg.train.max_steps is not None and cfg.train.max_steps <= 0:
+        raise ConfigError(f"{_where(origin, 'train.max_steps')}: train.max_steps must be > 0 or absent")
+    if cfg.train.max_minutes is not None and not (cfg.train.max_minutes > 0 and math.isfinite(cfg.train.max_minutes)):
+        raise ConfigError(f"{_where(origin, 'train.max_minutes')}: train.max_minutes must be > 0 or absent")
+    if cfg.data.resize_size < cfg.data.input_size:
+        raise ConfigError(f"{_where(origin, 'data.resize_size')}: data.resize_size ({cfg.data.resize_size}) "
+                          f"must be >= data.input_size ({cfg.data.input_size}) for the random crop")
+    if not 0 < cfg.eval.cam_curve_interval < 1:
+        raise ConfigError(f"{_where(origin, 'eval.cam_curve_interval')}: eval.cam_curve_interval must lie in (0, 1)")
+    if cfg.model.prior == "softmax" and cfg.model.method == "cam":
+        raise ConfigError(f"{_where(origin, 'model.prior')}: model.prior only applies to CALM methods")
+    if cfg.model.method == "cam" and cfg.eval.map_kind in ("joint", "posterior", "prior"):
+        raise ConfigError(f"{_where(origin, 'eval.map_kind')}: eval.map_kind={cfg.eval.map_kind!r} needs a "
+                          "CALM model (location head); CAM has only the 'class' map")
+
+
+# --------------------------------------------------------------------------------------------- writing
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """Nested plain data (None values kept)."""
+    return dataclasses.asdict(cfg)
+
+
+def dump_toml(cfg: Config) -> str:
+    """The config as TOML text that load_config reads back to an equal Config (None values omitted)."""
+    data = config_to_dict(cfg)
+    lines = [f"run_dir = {_toml_value(data.pop('run_dir'))}"]
+    for section, values in data.items():
+        lines += ["", f"[{section}]"]
+        lines += [f"{key} = {_toml_value(value)}" for key, value in values.items() if value is not None]
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} to TOML")
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the config as TOML, atomically."""
+    atomic_write_text(Path(path), dump_toml(cfg))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a text file through a temporary file in the same folder and os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def effective_map_kind(cfg: Config) -> str:
+    """eval.map_kind with "auto" resolved: CAM's map is its class logits, CALM's the joint p(y, z | x)."""
+    if cfg.eval.map_kind != "auto":
+        return cfg.eval.map_kind
+    return "class" if cfg.model.method == "cam" else "joint"

@@ -1,0 +1,1 @@
+"""calm_fast.data."""

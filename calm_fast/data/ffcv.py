@@ -1,0 +1,802 @@
+"""Convert WSOL dataset splits to FFCV .beton files, one per split, for the fast loaders.
+
+Each sample holds the image, its class label and its index in the split's metadata, so that boxes,
+masks, parts and original image sizes stay addressable for evaluation (``WSOLSplit`` by index).
+
+Storage. Images keep their aspect ratio; those larger than --max-resolution (longest side) are
+shrunk with PIL's antialiased bilinear filter, as torchvision's Resize does (JPEG files are first
+decoded at a reduced DCT scale where that stays above the target). Evaluation resizes the whole image to the input size anyway, so box rescaling only
+needs the original sizes from the metadata, not the stored ones. The loaders resize the whole image to a
+square at load time (aspect not kept), so one file serves every input size and both training recipes.
+
+Real-data problems (DATA.md), each counted in the summary and in the JSON sidecar next to the .beton:
+  grayscale, CMYK, palette, alpha  converted to RGB exactly as PIL's convert("RGB") does (the reference
+                                   loader's view)
+  PNG (or other) named .jpg        decoded by content; counted
+  EXIF orientation                 ignored (counted): boxes are in the stored pixel frame
+  larger than --max-resolution     shrunk (counted)
+  truncated or corrupt file        error naming the file, or with --allow-truncated the missing part is
+                                   filled with grey by PIL and the image counted
+  missing file, unreadable format, 16-bit or float pixels, size different from image_sizes.txt
+                                   error naming the file
+The first error stops the conversion. Output is atomic: the .beton is written under a hidden temporary
+name in the same folder and renamed when complete, then its sidecar is written; a split counts as
+converted only when both exist and match the metadata and options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import tempfile
+import threading
+import time
+import warnings
+import _thread
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from calm_fast.data.metadata import (
+    SPLITS,
+    MetadataError,
+    WSOLSplit,
+    default_image_root,
+    default_metadata_root,
+    read_split,
+)
+
+__all__ = [
+    "ConvertOptions",
+    "ConversionError",
+    "ConversionSummary",
+    "ImageProblem",
+    "FFCVLoader",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "beton_path_for",
+    "build_ffcv_loader",
+    "convert_split",
+    "ensure_beton",
+    "ffcv_available",
+    "load_rgb",
+    "read_beton_info",
+    "resolve_loader_kind",
+    "add_arguments",
+    "main",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+SIDECAR_FORMAT = 1
+WRITE_MODES = ("jpg", "raw", "proportion")
+RECIPES = ("reference", "rrc")
+# FFCV stores width and height as uint16.
+MAX_STORED_SIDE = 65535
+_FORMAT_OF_SUFFIX = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".gif": "GIF",
+                     ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF"}
+# Pixel modes that PIL's convert("RGB") maps faithfully; others (16-bit, float) are refused.
+_CONVERTIBLE_MODES = {"1", "L", "LA", "La", "P", "PA", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr"}
+_EXIF_ORIENTATION = 0x0112
+
+
+# ----------------------------------------------------------------------------------------------------
+# Conversion
+
+
+class ImageProblem(ValueError):
+    """An image that cannot be stored faithfully; the message names the file."""
+
+
+class ConversionError(RuntimeError):
+    """A conversion that stopped; no .beton was written. The message names the first bad file."""
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """How images are stored. ``write_mode``: "jpg" (JPEG at ``jpeg_quality``), "raw" (uint8 pixels:
+    fastest to load, largest), or "proportion" (each image JPEG with probability
+    ``compress_probability``, else raw: FFCV's knob to trade file size for decoding time).
+    ``max_resolution``: longest stored side (None keeps originals; FFCV's decoder buffers are sized
+    by the largest image, so a cap also bounds loader memory). ``allow_truncated``: repair truncated
+    files (grey fill) instead of stopping."""
+
+    max_resolution: int | None = 512
+    write_mode: str = "jpg"
+    jpeg_quality: int = 90
+    compress_probability: float = 0.5
+    allow_truncated: bool = False
+
+    def validate(self) -> None:
+        """Raise ValueError naming the option that is out of range."""
+        if self.max_resolution is not None and not 16 <= self.max_resolution <= MAX_STORED_SIDE:
+            raise ValueError(f"max_resolution must be in [16, {MAX_STORED_SIDE}] or None, got {self.max_resolution}")
+        if self.write_mode not in WRITE_MODES:
+            raise ValueError(f"write_mode must be one of {WRITE_MODES}, got {self.write_mode!r}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
+        if not 0.0 <= self.compress_probability <= 1.0:
+            raise ValueError(f"compress_probability must be in [0, 1], got {self.compress_probability}")
+
+
+@dataclass
+class ConversionSummary:
+    """What a conversion wrote; ``repairs`` counts images per kind of repair (module docstring)."""
+
+    beton_path: Path
+    num_images: int
+    seconds: float
+    file_bytes: int
+    repairs: dict[str, int]
+    skipped: bool = False  # ensure_beton found an up-to-date file and wrote nothing
+
+
+def load_rgb(path: str | Path, max_resolution: int | None = None,
+             allow_truncated: bool = False) -> tuple[np.ndarray, list[str], tuple[int, int]]:
+    """Read one image as it will be stored: ``(uint8 [H, W, 3] RGB, repairs, original (width, height))``.
+
+    ``repairs`` names every repair made (see the module docstring); raises :class:`ImageProblem`
+    naming the file for anything that cannot be repaired.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    repairs: list[str] = []
+    try:
+        image = Image.open(path)
+    except FileNotFoundError:
+        raise ImageProblem(f"{path}: image file not found") from None
+    except Image.DecompressionBombError as error:
+        raise ImageProblem(f"{path}: refused as too large by PIL ({error})") from None
+    except (UnidentifiedImageError, OSError) as error:
+        raise ImageProblem(f"{path}: not a readable image ({error})") from None
+    with image:
+        width, height = image.size
+        suffix = path.suffix.lower()
+        expected_format = _FORMAT_OF_SUFFIX.get(suffix)
+        if expected_format is not None and image.format != expected_format:
+            repairs.append(f"{(image.format or 'unknown').lower()}_named_{suffix[1:]}")
+        if image.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+            repairs.append("exif_orientation_ignored")
+        if image.mode != "RGB" and image.mode not in _CONVERTIBLE_MODES:
+            raise ImageProblem(f"{path}: pixel mode {image.mode!r} (16-bit or float) is not supported; "
+                               f"convert the file to 8-bit RGB")
+        target = _stored_size(width, height, max_resolution)
+        if target is None and max(width, height) > MAX_STORED_SIDE:
+            raise ImageProblem(f"{path}: {width}x{height} exceeds FFCV's largest side {MAX_STORED_SIDE}; "
+                               f"set a max resolution")
+        if target is not None and image.format == "JPEG":
+            image.draft(image.mode, target)  # decode at 1/2, 1/4 or 1/8 scale while still >= target
+        try:
+            image.load()
+        except OSError as error:
+            if not allow_truncated:
+                raise ImageProblem(f"{path}: truncated or corrupt image ({error}); allow_truncated "
+                                   f"(--allow-truncated) fills the missing part with grey") from None
+            image = _load_truncated(path)
+            repairs.append("truncated_filled")
+        if image.mode != "RGB":
+            repairs.append(f"converted_from_{image.mode}")
+            image = image.convert("RGB")
+        if target is not None:
+            image = image.resize(target, Image.Resampling.BILINEAR)
+            repairs.append("downscaled")
+        pixels = np.array(image, dtype=np.uint8)
+    return pixels, repairs, (width, height)
+
+
+def _stored_size(width: int, height: int, max_resolution: int | None) -> tuple[int, int] | None:
+    """(width, height) to store, or None when the image is kept as is."""
+    if max_resolution is None or max(width, height) <= max_resolution:
+        return None
+    scale = max_resolution / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _load_truncated(path: Path):
+    from PIL import Image, ImageFile
+
+    previous = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = True
+    try:
+        image = Image.open(path)
+        image.load()
+        return image
+    except OSError as error:
+        raise ImageProblem(f"{path}: corrupt image, not repairable by filling ({error})") from None
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+
+class _SplitImages:
+    """The indexed dataset that FFCV's DatasetWriter reads in its worker processes: (image, label, index).
+
+    A worker must never raise (DatasetWriter would wait forever for its progress): problems and repairs
+    are appended as JSON lines to a per-process file in ``report_dir``; a problem also sets
+    ``abort`` and from then on every worker returns placeholders until the watchdog stops the writer.
+    """
+
+    _PLACEHOLDER = np.zeros((1, 1, 3), dtype=np.uint8)
+
+    def __init__(self, split: WSOLSplit, options: ConvertOptions, report_dir: Path, abort):
+        self.paths = [str(split.image_path(i)) for i in range(len(split))]
+        self.labels = split.labels
+        self.expected_sizes = split.known_sizes
+        self.sizes_file = split.metadata_dir / "image_sizes.txt"
+        self.options = options
+        self.report_dir = str(report_dir)
+        self.abort = abort
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        label = int(self.labels[i])
+        if self.abort.is_set():
+            return self._PLACEHOLDER, label, i
+        try:
+            pixels, repairs, size = load_rgb(self.paths[i], self.options.max_resolution, self.options.allow_truncated)
+            self._check_size(i, size)
+        except Exception as error:  # any failure must reach the main process, not kill the worker
+            message = str(error) if isinstance(error, ImageProblem) else f"{self.paths[i]}: {type(error).__name__}: {error}"
+            self._report({"index": i, "error": message})
+            self.abort.set()
+            return self._PLACEHOLDER, label, i
+        if repairs:
+            self._report({"index": i, "repairs": repairs})
+        return pixels, label, i
+
+    def _check_size(self, i: int, size: tuple[int, int]) -> None:
+        if self.expected_sizes is None:
+            return
+        expected = tuple(int(v) for v in self.expected_sizes[i])
+        if size != expected:
+            raise ImageProblem(
+                f"{self.paths[i]}: image is {size[0]}x{size[1]} but {self.sizes_file} says "
+                f"{expected[0]}x{expected[1]}: its boxes would be misplaced"
+            )
+
+    def _report(self, record: dict) -> None:
+        with open(os.path.join(self.report_dir, f"{os.getpid()}.jsonl"), "a", encoding="utf-8") as file:
+            file.write(json.dumps(record) + "\n")
+
+
+def _read_reports(report_dir: Path) -> tuple[list[tuple[int, str]], dict[str, int]]:
+    """(errors as (index, message) sorted by index, repair counts) from the workers' report files."""
+    errors, repairs = [], {}
+    for report in sorted(report_dir.glob("*.jsonl")):
+        for line in report.read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
+            if "error" in record:
+                errors.append((record["index"], record["error"]))
+            for kind in record.get("repairs", []):
+                repairs[kind] = repairs.get(kind, 0) + 1
+    return sorted(errors), dict(sorted(repairs.items()))
+
+
+class _WriterWatchdog(threading.Thread):
+    """Interrupts the main thread when a conversion worker reports a bad image or dies.
+
+    FFCV's DatasetWriter polls its workers' progress counter until every sample is done, with no
+    timeout; after a bad image (workers return placeholders) or a crashed worker (killed for memory,
+    say) it would finish uselessly or wait forever. Workers are the child processes that appear
+    after the watchdog starts.
+    """
+
+    def __init__(self, abort):
+        super().__init__(daemon=True)
+        self.abort = abort
+        self.reason: str | None = None
+        self.workers: dict[int, multiprocessing.Process] = {}
+        self._known = {p.pid for p in multiprocessing.active_children()}
+        self._lock = threading.Lock()
+        self._finished = False
+
+    def run(self) -> None:
+        while True:
+            with self._lock:
+                if self._finished:
+                    return
+                reason = self._check()
+                if reason is not None:
+                    self.reason = reason
+                    self._finished = True
+                    _thread.interrupt_main()
+                    return
+            time.sleep(0.05)
+
+    def _check(self) -> str | None:
+        for process in multiprocessing.active_children():
+            if process.pid not in self._known:
+                self.workers.setdefault(process.pid, process)
+        if self.abort.is_set():
+            return "bad image"
+        for process in self.workers.values():
+            if process.exitcode not in (None, 0):
+                return f"a conversion worker (pid {process.pid}) died with exit code {process.exitcode}"
+        return None
+
+    def finish(self) -> None:
+        """Stop watching; after this returns the watchdog never interrupts."""
+        with self._lock:
+            self._finished = True
+        self.join()
+
+    def stop_workers(self) -> None:
+        for process in self.workers.values():
+            if process.is_alive():
+                process.terminate()
+        for process in self.workers.values():
+            process.join(timeout=5)
+
+
+def _fingerprint(split: WSOLSplit) -> str:
+    """Hash of the image ids and labels: a .beton is stale when its split's metadata changed."""
+    digest = hashlib.sha256()
+    digest.update("\n".join(split.image_ids).encode("utf-8"))
+    digest.update(np.ascontiguousarray(split.labels, dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def _page_size(split: WSOLSplit, options: ConvertOptions) -> int:
+    """FFCV page size: a power of two that holds several of the largest samples (a sample never spans pages)."""
+    if options.max_resolution is not None:
+        largest_side = options.max_resolution
+    else:
+        largest_side = int(split.image_sizes.max())
+    largest_sample = largest_side * largest_side * 3  # a raw image; JPEG is smaller in practice
+    return max(1 << 22, 1 << math.ceil(math.log2(4 * largest_sample)))
+
+
+def beton_path_for(out_dir: str | Path, dataset: str, split: str, proxy: bool = False) -> Path:
+    """``<out_dir>/<dataset>_<split>[_proxy].beton`` (the default out_dir is ``<data_root>/ffcv``)."""
+    return Path(out_dir) / f"{dataset}_{split}{'_proxy' if proxy else ''}.beton"
+
+
+def sidecar_path(beton_path: str | Path) -> Path:
+    """The JSON file written next to a finished .beton (``<name>.beton.json``)."""
+    beton_path = Path(beton_path)
+    return beton_path.with_name(beton_path.name + ".json")
+
+
+def read_beton_info(beton_path: str | Path) -> dict | None:
+    """The sidecar of a converted split (options, fingerprint, counts), or None when it is missing or unreadable."""
+    try:
+        return json.loads(sidecar_path(beton_path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def _remove_stale_partials(beton_path: Path) -> None:
+    """Remove temporary files of this .beton left by conversions that were killed (their process is gone)."""
+    for partial in beton_path.parent.glob(f".{beton_path.name}*.partial-*"):
+        try:
+            pid = int(partial.name.rsplit("-", 1)[1])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            partial.unlink(missing_ok=True)
+        except (ValueError, PermissionError):
+            continue
+
+
+def _default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def convert_split(
+    split: WSOLSplit,
+    beton_path: str | Path,
+    options: ConvertOptions = ConvertOptions(),
+    num_workers: int | None = None,
+) -> ConversionSummary:
+    """Write ``split`` to ``beton_path`` (fields ``image``, ``label``, ``index``) and its JSON sidecar.
+
+    Images are read and repaired by :func:`load_rgb` in ``num_workers`` processes (default: the
+    usable cores); FFCV shows a progress bar. Raises :class:`ConversionError` naming the first bad file;
+    then, as after an interruption, no .beton is left at ``beton_path``.
+    """
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    options.validate()
+    num_workers = _default_workers() if num_workers is None else int(num_workers)
+    if num_workers < 1:
+        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+    beton_path = Path(beton_path)
+    if beton_path.suffix != ".beton":
+        raise ValueError(f"beton_path must end in .beton, got {beton_path}")
+    beton_path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(beton_path)
+    partial = beton_path.with_name(f".{beton_path.name}.partial-{os.getpid()}")
+    report_dir = Path(tempfile.mkdtemp(prefix=f".{beton_path.name}.reports-", dir=beton_path.parent))
+    abort = multiprocessing.get_context().Event()
+    fields = {
+        "image": RGBImageField(write_mode=options.write_mode, max_resolution=None,
+                               jpeg_quality=options.jpeg_quality,
+                               compress_probability=options.compress_probability),
+        "label": IntField(),
+        "index": IntField(),
+    }
+    source = _SplitImages(split, options, report_dir, abort)
+    writer = DatasetWriter(str(partial), fields, page_size=_page_size(split, options), num_workers=num_workers)
+    # Chunks small enough that every worker gets several, large enough to keep the queue short.
+    chunk_size = max(1, min(100, len(split) // (4 * num_workers)))
+    start = time.perf_counter()
+    watchdog = _WriterWatchdog(abort)
+    watchdog.start()
+    try:
+        try:
+            writer.from_indexed_dataset(source, chunksize=chunk_size)
+            watchdog.finish()
+        except KeyboardInterrupt:
+            watchdog.finish()
+            if watchdog.reason is None:
+                raise  # the user's Ctrl-C
+        if watchdog.reason is not None:
+            watchdog.stop_workers()
+            _release_shared_memory(writer)
+            errors, _ = _read_reports(report_dir)
+            where = f"{split.dataset}/{split.split} ({split.metadata_dir})"
+            if errors:
+                index, message = errors[0]
+                more = f"; {len(errors) - 1} more bad image(s) met before stopping" if len(errors) > 1 else ""
+                raise ConversionError(f"{message} [sample {index} of {where}{more}]")
+            raise ConversionError(f"converting {where} stopped: {watchdog.reason}")
+        seconds = time.perf_counter() - start
+        _, repairs = _read_reports(report_dir)
+        os.replace(partial, beton_path)
+    finally:
+        watchdog.finish()
+        partial.unlink(missing_ok=True)
+        shutil.rmtree(report_dir, ignore_errors=True)
+    info = {
+        "format": SIDECAR_FORMAT,
+        "dataset": split.dataset,
+        "split": split.split,
+        "num_images": len(split),
+        "num_classes": split.num_classes,
+        "fingerprint": _fingerprint(split),
+        "options": dataclasses.asdict(options),
+        "repairs": repairs,
+        "seconds": round(seconds, 3),
+        "fields": ["image", "label", "index"],
+    }
+    _write_atomic(sidecar_path(beton_path), json.dumps(info, indent=2) + "\n")
+    return ConversionSummary(beton_path, len(split), seconds, beton_path.stat().st_size, repairs)
+
+
+def _release_shared_memory(writer) -> None:
+    """DatasetWriter unlinks its shared metadata block only when it finishes; do it after a stop."""
+    block = getattr(writer, "metadata_sm", None)
+    if hasattr(block, "unlink"):
+        block.close()
+        block.unlink()
+
+
+def is_up_to_date(split: WSOLSplit, beton_path: str | Path, options: ConvertOptions) -> bool:
+    """True when ``beton_path`` and its sidecar exist and match the split's metadata and the options."""
+    info = read_beton_info(beton_path)
+    return (
+        Path(beton_path).is_file()
+        and info is not None
+        and info.get("format") == SIDECAR_FORMAT
+        and info.get("fingerprint") == _fingerprint(split)
+        and info.get("options") == dataclasses.asdict(options)
+    )
+
+
+def ensure_beton(
+    split: WSOLSplit,
+    out_dir: str | Path,
+    options: ConvertOptions = ConvertOptions(),
+    num_workers: int | None = None,
+    proxy: bool = False,
+) -> ConversionSummary:
+    """Convert ``split`` into ``beton_path_for(out_dir, ...)`` unless an up-to-date file is already there.
+
+    With several processes, call it on one of them (e.g. local rank 0) and wait for it on the others:
+    concurrent conversions of the same split are safe (the last one to finish wins) but wasteful.
+    """
+    beton_path = beton_path_for(out_dir, split.dataset, split.split, proxy)
+    if is_up_to_date(split, beton_path, options):
+        info = read_beton_info(beton_path)
+        return ConversionSummary(beton_path, len(split), 0.0, beton_path.stat().st_size,
+                                 dict(info.get("repairs", {})), skipped=True)
+    return convert_split(split, beton_path, options, num_workers)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading
+
+
+def ffcv_available() -> bool:
+    """True when FFCV and its compiled parts import."""
+    try:
+        import ffcv.loader  # noqa: F401
+    except Exception:  # ImportError, or OSError from a missing shared library
+        return False
+    return True
+
+
+def resolve_loader_kind(kind: str, beton_paths: list[str | Path]) -> str:
+    """The loader to use for a ``data.loader`` setting: "ffcv" or "torch".
+
+    "auto" picks FFCV when it imports and every .beton in ``beton_paths`` exists, else the plain
+    PyTorch loader (``calm_fast.data.torch_loader``), which reads the original image files with the
+    same transforms. "ffcv" insists and raises naming what is missing.
+    """
+    if kind not in ("auto", "ffcv", "torch"):
+        raise ValueError(f"data.loader must be 'auto', 'ffcv' or 'torch', got {kind!r}")
+    if kind == "torch":
+        return "torch"
+    missing = [str(p) for p in beton_paths if not Path(p).is_file()]
+    if kind == "auto":
+        return "ffcv" if ffcv_available() and not missing else "torch"
+    if not ffcv_available():
+        raise RuntimeError("data.loader='ffcv' but FFCV does not import (pip install ffcv; needs libturbojpeg, OpenCV)")
+    if missing:
+        raise FileNotFoundError(f"data.loader='ffcv' but {missing[0]} does not exist: run `calm-fast convert` first")
+    return "ffcv"
+
+
+class FFCVLoader:
+    """Iterable over ``(images, labels, indices)`` batches of one rank, built by :func:`build_ffcv_loader`.
+
+    ``images``: ``[B, 3, S, S]`` normalised, in ``dtype``, on ``device``, channels-last memory format
+    when asked; ``labels``: int64 ``[B]`` on ``device``; ``indices``: int64 ``[B]`` on the CPU (they
+    address the WSOLSplit: boxes, masks, ``image_sizes``). Batches live in FFCV's ring of
+    ``batches_ahead + 2`` buffers: clone what you keep longer than that.
+    """
+
+    def __init__(self, loader, order, num_samples: int, batch_size: int):
+        self._loader = loader
+        self._order = order
+        self.num_samples = num_samples  # samples this rank visits per epoch (after padding / drop_last)
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+    def __iter__(self):
+        return iter(self._loader)
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next ``iter()`` runs (its order is drawn from ``(seed, epoch)``)."""
+        return self._loader.next_epoch
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Make the next ``iter()`` run ``epoch``, starting after its first ``skip_batches`` batches (resuming)."""
+        if epoch < 0 or skip_batches < 0:
+            raise ValueError(f"set_epoch: epoch and skip_batches must be >= 0, got {epoch}, {skip_batches}")
+        self._loader.next_epoch = int(epoch)
+        self._order.skip_batches = {int(epoch): int(skip_batches)} if skip_batches else {}
+
+
+def build_ffcv_loader(
+    beton_path: str | Path,
+    train: bool,
+    input_size: int = 224,
+    resize_size: int = 256,
+    batch_size: int = 64,
+    num_workers: int = 2,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    recipe: str = "reference",
+    drop_last: bool | None = None,
+    channels_last: bool = True,
+    batches_ahead: int = 3,
+) -> FFCVLoader:
+    """An FFCV loader over a converted split, yielding the same triple as the torch loader.
+
+    Training (``train=True``): ``recipe="reference"`` resizes the whole image to ``resize_size``²
+    (aspect not kept), takes a random ``input_size``² crop and flips half the images (CALM.md §3);
+    ``recipe="rrc"`` is FFCV's RandomResizedCrop (scale 0.08–1, aspect 3/4–4/3) to ``input_size``²
+    plus a flip. Each epoch visits a permutation of all samples drawn from ``(seed, epoch)``; rank ``r``
+    of ``world_size`` takes every ``world_size``-th sample of it, padded by repeating samples so all
+    ranks have ``ceil(N / world_size)`` samples (the same number of steps); ``drop_last`` (default
+    True) drops a final partial batch.
+    Evaluation (``train=False``): the whole image resized to ``input_size``², in index order; rank
+    ``r`` takes samples ``r, r + world_size, ...``: every sample exactly once across ranks, no padding;
+    ``drop_last=True`` is refused. ``resize_size`` and ``recipe`` are ignored.
+    Sample orders and shards are those of ``calm_fast.data.torch_loader.ShardSampler`` for the same
+    seed and epoch; crops and flips are drawn independently (FFCV does not seed them).
+
+    ``num_workers`` is FFCV's thread count (numba and, as a side effect of FFCV, torch's intra-op
+    threads), capped at the threads numba may use. On a CUDA ``device`` the uint8 batch is copied
+    asynchronously and normalised there; on the CPU normalisation is FFCV's table lookup to fp32,
+    then a cast when ``dtype`` differs.
+    """
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
+    from ffcv.loader import Loader
+    from ffcv.transforms import (Convert, NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice,
+                                 ToTensor, ToTorchImage)
+
+    from calm_fast.data.ffcv_ops import NormalizeOnDevice, ShardedOrder, SquashResizeDecoder
+
+    beton_path = Path(beton_path)
+    if not beton_path.is_file():
+        raise FileNotFoundError(f"{beton_path}: no such .beton (run `calm-fast convert` first)")
+    _check_loader_arguments(train, input_size, resize_size, batch_size, num_workers, rank, world_size, recipe,
+                            batches_ahead)
+    device = torch.device(device)
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be a CPU or CUDA device, got {device}")
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype must be torch.float32, bfloat16 or float16, got {dtype}")
+    drop_last = train if drop_last is None else bool(drop_last)
+    if drop_last and not train:
+        raise ValueError("drop_last=True would leave evaluation images out; use it for training only")
+    _check_fields(beton_path)
+    num_workers = _cap_threads(num_workers)
+
+    if not train:
+        decoder = [SquashResizeDecoder(input_size)]
+    elif recipe == "reference":
+        decoder = [SquashResizeDecoder(resize_size, crop_size=input_size)]
+    else:
+        decoder = [RandomResizedCropRGBImageDecoder((input_size, input_size)), RandomHorizontalFlip()]
+    mean = np.array(IMAGENET_MEAN) * 255
+    std = np.array(IMAGENET_STD) * 255
+    if device.type == "cuda":
+        # ToTorchImage(channels_last=False) would allocate its copy on the CPU: permute only, and let the
+        # normalisation write the requested memory format on the device.
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        image_pipeline = [*decoder, ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(True),
+                          NormalizeOnDevice(mean, std, dtype, memory_format)]
+        label_pipeline = [IntDecoder(), ToTensor(), Squeeze(1), ToDevice(device, non_blocking=True)]
+    else:
+        image_pipeline = [*decoder, NormalizeImage(mean, std, np.float32), ToTensor(), ToTorchImage(channels_last)]
+        if dtype != torch.float32:
+            image_pipeline.append(Convert(dtype))
+        label_pipeline = [IntDecoder(), ToTensor(), Squeeze(1)]
+    index_pipeline = [IntDecoder(), ToTensor(), Squeeze(1)]
+
+    order = ShardedOrder(rank, world_size, shuffle=train, seed=seed, pad=train, batch_size=batch_size,
+                         drop_last=drop_last)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # FFCV imports distutils
+        loader = Loader(
+            str(beton_path),
+            batch_size=batch_size,
+            num_workers=num_workers,
+            order=order,
+            seed=seed,
+            drop_last=drop_last,
+            batches_ahead=batches_ahead,
+            pipelines={"image": image_pipeline, "label": label_pipeline, "index": index_pipeline},
+        )
+    return FFCVLoader(loader, order, len(loader.first_traversal_order), batch_size)
+
+
+def _check_fields(beton_path: Path) -> None:
+    from ffcv.reader import Reader
+
+    try:
+        fields = list(Reader(str(beton_path)).handlers)
+    except Exception as error:  # FFCV raises AssertionError, ValueError, ... for foreign files
+        raise ValueError(f"{beton_path}: not a readable FFCV file ({type(error).__name__}: {error})") from None
+    if fields != ["image", "label", "index"]:
+        raise ValueError(f"{beton_path}: fields {fields} are not calm-fast's ['image', 'label', 'index'] "
+                         f"(write it with `calm-fast convert`)")
+
+
+def _check_loader_arguments(train, input_size, resize_size, batch_size, num_workers, rank, world_size, recipe,
+                            batches_ahead) -> None:
+    if input_size < 1:
+        raise ValueError(f"input_size must be >= 1, got {input_size}")
+    if train and recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
+    if train and recipe == "reference" and resize_size < input_size:
+        raise ValueError(f"resize_size ({resize_size}) must be >= input_size ({input_size}) for the reference recipe")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if num_workers < 1:
+        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    if batches_ahead < 1:
+        raise ValueError(f"batches_ahead must be >= 1, got {batches_ahead}")
+
+
+def _cap_threads(num_workers: int) -> int:
+    import numba
+
+    limit = numba.config.NUMBA_NUM_THREADS
+    if num_workers > limit:
+        warnings.warn(f"num_workers={num_workers} exceeds the {limit} threads numba may use here; using {limit}",
+                      stacklevel=3)
+        return limit
+    return num_workers
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line: calm-fast convert
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-root", default="data", help="folder holding metadata/ and the image roots (default: data)")
+    parser.add_argument("--dataset", default="SYNTH", help="dataset name under <metadata-root> (default: SYNTH)")
+    parser.add_argument("--split", action="append", choices=SPLITS, dest="splits",
+                        help="split to convert; repeat for several (default: every split with metadata)")
+    parser.add_argument("--metadata-root", help="default: <data-root>/metadata")
+    parser.add_argument("--image-root", help="image root of the split (only with a single --split; default per DATA.md)")
+    parser.add_argument("--proxy", action="store_true", help="convert image_ids_proxy.txt (ILSVRC train subset)")
+    parser.add_argument("--out-dir", help="where the .beton files go (default: <data-root>/ffcv)")
+    parser.add_argument("--max-resolution", type=int, default=512,
+                        help="longest stored image side; 0 keeps originals (default: 512)")
+    parser.add_argument("--write-mode", choices=WRITE_MODES, default="jpg",
+                        help="jpg, raw pixels, or a random proportion of JPEGs (default: jpg)")
+    parser.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality 1-100 (default: 90)")
+    parser.add_argument("--compress-probability", type=float, default=0.5,
+                        help="share of images stored as JPEG with --write-mode proportion (default: 0.5)")
+    parser.add_argument("--allow-truncated", action="store_true",
+                        help="fill the missing part of truncated images with grey (counted) instead of stopping")
+    parser.add_argument("--workers", type=int, default=None, help="conversion processes (default: usable cores)")
+    parser.add_argument("--force", action="store_true", help="convert even when an up-to-date .beton exists")
+
+
+def main(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(stderr=True)
+    metadata_root = Path(args.metadata_root) if args.metadata_root else default_metadata_root(args.data_root)
+    splits = args.splits or [s for s in SPLITS if (metadata_root / args.dataset / s).is_dir()]
+    if not splits:
+        console.print(f"[red]error:[/red] no split of {args.dataset!r} under {metadata_root}")
+        return 2
+    if args.image_root and len(splits) != 1:
+        console.print("[red]error:[/red] --image-root needs exactly one --split")
+        return 2
+    out_dir = Path(args.out_dir) if args.out_dir else Path(args.data_root) / "ffcv"
+    try:
+        options = ConvertOptions(max_resolution=args.max_resolution or None, write_mode=args.write_mode,
+                                 jpeg_quality=args.jpeg_quality, compress_probability=args.compress_probability,
+                                 allow_truncated=args.allow_truncated)
+        options.validate()
+        summaries = []
+        for split_name in splits:
+            image_root = args.image_root or default_image_root(args.data_root, args.dataset, split_name)
+            split = read_split(metadata_root, args.dataset, split_name, image_root, proxy=args.proxy)
+            console.print(f"{args.dataset}/{split_name}: {len(split)} images from {image_root}")
+            if args.force:
+                summary = convert_split(split, beton_path_for(out_dir, args.dataset, split_name, args.proxy),
+                                        options, args.workers)
+            else:
+                summary = ensure_beton(split, out_dir, options, args.workers, proxy=args.proxy)
+            summaries.append((split_name, summary))
+    except (MetadataError, ConversionError, ValueError) as error:
+        console.print(f"[red]error:[/red] {error}")
+        return 1
+
+    table = Table(title=f"calm-fast convert: {args.dataset}")
+    for column in ("split", "images", "file", "MiB", "seconds", "images/s", "repairs"):
+        table.add_column(column)
+    for split_name, summary in summaries:
+        repairs = ", ".join(f"{kind}: {count}" for kind, count in summary.repairs.items()) or "none"
+        rate = f"{summary.num_images / summary.seconds:.0f}" if summary.seconds > 0 else "-"
+        table.add_row(split_name, str(summary.num_images), str(summary.beton_path),
+                      f"{summary.file_bytes / 2**20:.1f}", "up to date" if summary.skipped else f"{summary.seconds:.1f}",
+                      rate, repairs)
+    console.print(table)
+    return 0

@@ -1,0 +1,176 @@
+"""Plain PyTorch data loading for a WSOL split (the fallback when FFCV is not used).
+
+Transforms follow the reference recipe (CALM.md §3):
+
+- train: resize to ``resize_size``² (aspect not kept), random ``input_size``² crop, random horizontal
+  flip, ImageNet mean/std;
+- eval: resize straight to ``input_size``², ImageNet mean/std.
+
+Each sample is ``(image float32 [3, S, S], label int64, index int64)``; ``index`` addresses the
+boxes, masks and sizes of the :class:`~calm_fast.data.metadata.WSOLSplit`.
+
+Random augmentation is a pure function of ``(seed, epoch, index)``, so a sample looks the same whatever
+the number of workers or ranks, and a resumed run sees exactly the images an uninterrupted run would.
+
+Images are decoded with PIL and converted to RGB (grayscale, palette, CMYK and RGBA files alike; PIL
+recognises a PNG named ``.jpg`` by its content). EXIF orientation is **not** applied: the boxes of the
+WSOL datasets and the reference loader use the stored pixel frame, and rotating the image would move
+it away from its boxes. A truncated or unreadable file raises an error naming it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from calm_fast.data.metadata import WSOLSplit
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "load_rgb", "WSOLDataset", "ShardSampler", "build_torch_loader"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def load_rgb(path) -> Image.Image:
+    """Decode an image file into an RGB PIL image in its stored orientation."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            # convert() also covers L, P, CMYK, RGBA (alpha dropped), I;16 ...; copy() detaches the file.
+            return image.copy() if image.mode == "RGB" else image.convert("RGB")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: image file not found") from None
+    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError ... for broken files
+        raise OSError(f"{path}: cannot decode image ({type(error).__name__}: {error})") from None
+
+
+class WSOLDataset(Dataset):
+    """Images of a split with the reference transforms.
+
+    Keys are an index or ``(index, epoch)`` pairs (as :class:`ShardSampler` yields them); the epoch and
+    ``seed`` choose the random crop and flip of training samples.
+    """
+
+    def __init__(self, split: WSOLSplit, train: bool, input_size: int, resize_size: int | None = None, seed: int = 0):
+        if input_size < 1:
+            raise ValueError(f"input_size must be positive, got {input_size}")
+        if train and (resize_size is None or resize_size < input_size):
+            raise ValueError(f"resize_size ({resize_size}) must be >= input_size ({input_size}) for training")
+        self.split = split
+        self.train = train
+        self.input_size = input_size
+        self.resize_size = resize_size
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, key) -> tuple[torch.Tensor, int, int]:
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        image = load_rgb(self.split.image_path(index))
+        if self.train:
+            image = self._augment(image, index, epoch)
+        else:
+            image = TF.resize(image, [self.input_size, self.input_size], interpolation=TF.InterpolationMode.BILINEAR)
+        tensor = TF.normalize(TF.to_tensor(image), IMAGENET_MEAN, IMAGENET_STD)
+        return tensor, int(self.split.labels[index]), int(index)
+
+    def _augment(self, image: Image.Image, index: int, epoch: int) -> Image.Image:
+        rng = np.random.default_rng([self.seed, epoch, index])
+        size, crop = self.resize_size, self.input_size
+        image = TF.resize(image, [size, size], interpolation=TF.InterpolationMode.BILINEAR)
+        top, left = (int(v) for v in rng.integers(0, size - crop + 1, size=2))
+        image = TF.crop(image, top, left, crop, crop)
+        if rng.integers(2):
+            image = TF.hflip(image)
+        return image
+
+
+class ShardSampler(Sampler):
+    """This rank's share of a dataset, as ``(index, epoch)`` keys.
+
+    Training (``shuffle=True``): a permutation seeded by ``(seed, epoch)``, padded by wrapping around to a
+    multiple of ``world_size`` so every rank runs the same number of steps (a few images appear twice
+    per epoch when the size does not divide), then rank ``r`` takes positions ``r, r + W, ...``.
+    Evaluation (``shuffle=False``): no padding, rank ``r`` takes indices ``r, r + W, ...``; every image is
+    seen exactly once across ranks and shard sizes differ by at most one.
+    Call :meth:`set_epoch` before each epoch.
+    """
+
+    def __init__(self, size: int, rank: int = 0, world_size: int = 1, shuffle: bool = False, seed: int = 0):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        self.size, self.rank, self.world_size = size, rank, world_size
+        self.shuffle, self.seed = shuffle, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def indices(self) -> np.ndarray:
+        """This rank's dataset indices for the current epoch."""
+        if not self.shuffle:
+            return np.arange(self.rank, self.size, self.world_size)
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.size)
+        padded = math.ceil(self.size / self.world_size) * self.world_size
+        order = np.resize(order, padded)  # wraps around to the start
+        return order[self.rank :: self.world_size]
+
+    def __iter__(self):
+        epoch = self.epoch
+        return iter([(int(i), epoch) for i in self.indices()])
+
+    def __len__(self) -> int:
+        if self.shuffle:
+            return math.ceil(self.size / self.world_size)
+        return len(range(self.rank, self.size, self.world_size))
+
+
+def _worker_init(_worker_id: int) -> None:
+    torch.set_num_threads(1)  # the workers decode; the main process computes
+
+
+def build_torch_loader(
+    split: WSOLSplit,
+    train: bool,
+    input_size: int,
+    resize_size: int | None,
+    batch_size: int,
+    num_workers: int,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    drop_last: bool | None = None,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """A DataLoader yielding ``(images float32 [B, 3, S, S], labels int64 [B], indices int64 [B])``.
+
+    ``drop_last`` defaults to True for training (equal batch sizes) and False for evaluation; evaluation
+    refuses True, since skipped images would bias the metrics. Call ``loader.sampler.set_epoch(epoch)``
+    before each training epoch.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    if drop_last is None:
+        drop_last = train
+    if drop_last and not train:
+        raise ValueError("drop_last=True would leave evaluation images out; use it for training only")
+    dataset = WSOLDataset(split, train, input_size, resize_size, seed=seed)
+    sampler = ShardSampler(len(split), rank, world_size, shuffle=train, seed=seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        drop_last=drop_last,
+        pin_memory=pin_memory,
+        worker_init_fn=_worker_init if num_workers > 0 else None,
+        persistent_workers=num_workers > 0,
+    )

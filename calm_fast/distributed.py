@@ -1,0 +1,153 @@
+"""The distributed world of a run, decided once at start and passed down.
+
+calm-fast runs the same code as one process, under the `deepspeed` launcher (one or many nodes) and under
+`torchrun`: launchers export RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT, and a plain
+`calm-fast train` sets them for a world of one (on a free local port). The process group is gloo on CPU and
+NCCL on CUDA, created through DeepSpeed with a finite timeout, so a collective that waits on a dead rank
+fails instead of hanging; `Watchdog` bounds the time between two finished steps for everything else.
+"""
+
+from __future__ import annotations
+
+import datetime
+import faulthandler
+import os
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+_LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class World:
+    """Where this process sits: its ranks, the world size and its device."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_local_main(self) -> bool:
+        return self.local_rank == 0
+
+
+def default_extensions_dir() -> str:
+    """Where DeepSpeed's JIT-compiled ops go: inside the virtualenv, so they are compiled once."""
+    return os.path.join(sys.prefix, "torch_extensions")
+
+
+def prepare_environment() -> None:
+    """Environment DeepSpeed reads at import: the extensions folder and a single-process world if no
+    launcher set one. Idempotent; call before importing deepspeed."""
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", default_extensions_dir())
+    present = [name for name in _LAUNCHER_VARIABLES if name in os.environ]
+    if not present:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    elif len(present) != len(_LAUNCHER_VARIABLES):
+        missing = sorted(set(_LAUNCHER_VARIABLES) - set(present))
+        raise RuntimeError(f"incomplete launcher environment: {', '.join(present)} set but {', '.join(missing)} "
+                           "missing; run under deepspeed/torchrun, or unset them all for one process")
+
+
+def free_port() -> int:
+    """A TCP port that is free on this machine right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_world(timeout_minutes: float = 10.0) -> World:
+    """Create the process group (through DeepSpeed) and return this process's World."""
+    prepare_environment()
+    import deepspeed
+
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ["LOCAL_RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    # DeepSpeed picks the backend of its accelerator (NCCL on CUDA, gloo on CPU).
+    deepspeed.init_distributed(timeout=datetime.timedelta(minutes=timeout_minutes), auto_mpi_discovery=False,
+                               verbose=False)
+    return World(rank=rank, local_rank=local_rank, world_size=world_size, local_world_size=local_world_size,
+                 device=device)
+
+
+def shutdown_world() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, in place; returns the tensor (a no-op in a world of one)."""
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+    return tensor
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when `flag` is True on at least one (a collective: call it on all ranks)."""
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    return bool(all_reduce_sum(value).item() > 0)
+
+
+class Watchdog:
+    """Stops this process with a clear message when no step finishes for `timeout_s` seconds.
+
+    Collectives already time out (dist.timeout_minutes), but a rank can also hang outside them (a stuck
+    loader worker, a dead file system). The main loop calls `beat()` after every step; a daemon thread
+    checks the age of the last beat and, past the limit, prints every thread's stack and exits with
+    status 3, which makes the launcher stop the other ranks.
+    """
+
+    def __init__(self, timeout_s: float, rank: int, poll_s: float | None = None):
+        self.timeout_s = timeout_s
+        self.rank = rank
+        self._poll_s = poll_s if poll_s is not None else min(10.0, timeout_s / 4)
+        self._last_beat = time.monotonic()
+        self._what = "start-up"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="calm-fast-watchdog", daemon=True)
+
+    def start(self) -> "Watchdog":
+        self._thread.start()
+        return self
+
+    def beat(self, what: str) -> None:
+        self._last_beat = time.monotonic()
+        self._what = what
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._poll_s):
+            idle = time.monotonic() - self._last_beat
+            if idle > self.timeout_s:
+                print(f"[calm-fast] rank {self.rank}: no progress for {idle:.0f} s after {self._what} "
+                      f"(limit dist.watchdog_minutes = {self.timeout_s / 60:g}); another rank may have died "
+                      "or hung. Stacks follow; stopping.", file=sys.stderr, flush=True)
+                faulthandler.dump_traceback(file=sys.stderr)
+                sys.stderr.flush()
+                os._exit(3)

@@ -1,0 +1,929 @@
+"""Evaluate a trained model (or a class-agnostic baseline map) on a WSOL split: MaxBoxAcc, MaxBoxAccV2, PxAP.
+
+What is measured (METRICS.md). For every image the map of its ground-truth class (GT-known) is taken at
+the model's resolution, turned into float64, resized to 224×224 with OpenCV's bicubic filter and min-max
+normalised (`normalize_scoremaps`), exactly as the reference evaluator's pipeline does. Box datasets get
+MaxBoxAcc (v1: IoU 0.5, largest contour only), MaxBoxAccV2 (every contour, mean over IoU 0.3/0.5/0.7),
+top-1 localization (box correct AND predicted class correct; the predicted class is the argmax of
+`calm_fast.head.class_log_probs`) and classification accuracy; mask datasets get PxAP. The synthetic
+datasets have both boxes and masks and get both.
+
+Distributed. The same code runs as one process, under `deepspeed` or under `torchrun`. Each rank takes a
+shard of the split (rank r: samples r, r+W, ...; every sample exactly once, which is checked), turns its
+maps into the metrics' exact integer state (counts per IoU × score threshold, pixel histograms) and the
+states are summed with one int64 all_reduce, so W ranks give exactly the one-process numbers.
+
+Outputs, under `<run_dir>/eval/<split>/` (or --out), written by rank 0, each file atomically:
+  results.json            every number, curves included (NaN written as null)
+  metric_state.npz        the summed integer metric state (re-mergeable; two runs are equal iff these are)
+  boxacc_<map>.png        BoxAcc against the score-map threshold (box datasets)
+  pr_<map>.png            the pixel precision-recall curve (mask datasets)
+  overlays_<map>.png      the first few images with GT box, predicted box and the map
+  per_class_<map>.csv/png the per-class breakdown
+  maps/rank<r>.npz        only with --save-maps: each rank's raw maps (float32, model resolution) by index
+
+Map sources. `evaluate_maps(map_fn, split, loader, ...)` scores anything that turns a batch into maps:
+a model (`ModelMaps`), or a class-agnostic baseline (`BaselineMaps`: a centred Gaussian, the smoothed
+image-gradient energy), through the same metric code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from calm_fast.config import Config, ConfigError, config_from_dict, config_to_dict, effective_map_kind, load_config
+from calm_fast.config import parse_override
+
+MAP_KINDS = ("joint", "posterior", "prior", "class")
+BASELINES = ("centre-gaussian", "image-energy")
+RESULTS_FORMAT = "calm-fast-eval/1"
+V1_IOU = 50  # MaxBoxAcc (v1) is IoU 0.5 with the largest contour only
+
+
+# ----------------------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """What to measure and what to keep. `from_config` reads the `[eval]` section."""
+
+    cam_curve_interval: float = 0.01
+    iou_thresholds: tuple[int, ...] = (30, 50, 70)
+    multi_contour: bool = True  # MaxBoxAccV2's box rule; False scores every δ with the largest contour only
+    per_class: bool = True  # keep one metric state per class (the per-class breakdown)
+    overlay_count: int = 0  # keep the maps of the split's first n images for the overlay grid
+    save_maps: bool = False  # keep every raw map of this rank (for maps/rank<r>.npz)
+
+    def __post_init__(self):
+        if not 0.0 < self.cam_curve_interval < 1.0:
+            raise ValueError(f"cam_curve_interval must lie in (0, 1), got {self.cam_curve_interval}")
+        if not self.iou_thresholds or any(not 0 < t <= 100 for t in self.iou_thresholds):
+            raise ValueError(f"iou_thresholds must be percentages in (0, 100], got {self.iou_thresholds}")
+        if self.overlay_count < 0:
+            raise ValueError(f"overlay_count must be >= 0, got {self.overlay_count}")
+
+    @classmethod
+    def from_config(cls, cfg: Config, **changes) -> "EvalSettings":
+        return cls(cam_curve_interval=cfg.eval.cam_curve_interval, iou_thresholds=tuple(cfg.eval.iou_thresholds),
+                   multi_contour=cfg.eval.multi_contour, **changes)
+
+
+# -------------------------------------------------------------------------------------- map sources
+
+
+@dataclass
+class MapBatch:
+    """What a map source returns for one batch.
+
+    maps: map name -> [B, h, w] scores (any float dtype, numpy or torch, any resolution: they are
+    resized to 224×224 and normalised by the metric pipeline). pred_classes: [B] predicted classes, or
+    None for a source that does not classify (then top-1 localization and accuracy are not reported).
+    """
+
+    maps: dict[str, np.ndarray | torch.Tensor]
+    pred_classes: np.ndarray | torch.Tensor | None = None
+
+
+# map_fn(images [B,3,S,S] as the loader gives them, labels [B], indices [B]) -> MapBatch
+MapFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], MapBatch]
+
+
+class ModelMaps:
+    """A WSOL model as a map source: the GT-class maps of the chosen kinds and the predicted classes.
+
+    The model runs in eval mode under no_grad on `device`; the head math (`class_log_probs`, fused
+    kernels on CUDA) decides the predicted class, `attribution_map` gives each map kind.
+    """
+
+    def __init__(self, model: torch.nn.Module, method: str, kinds: tuple[str, ...], prior: str = "relu",
+                 device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
+        from calm_fast.head import METHODS
+
+        if method not in METHODS:
+            raise ValueError(f"method: unknown {method!r}; choose one of {', '.join(METHODS)}")
+        check_map_kinds(kinds, method)
+        self.model, self.method, self.kinds, self.prior = model, method, tuple(kinds), prior
+        self.device = torch.device(device)
+        self.dtype = dtype
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> MapBatch:
+        from calm_fast.head import attribution_map, class_log_probs
+
+        images = images.to(self.device, dtype=self.dtype, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        class_logits, location_scores = self.model(images)
+        predicted = class_log_probs(class_logits, location_scores, self.method, self.prior).argmax(dim=1)
+        maps = {kind: attribution_map(class_logits, location_scores, labels, kind, self.prior).cpu()
+                for kind in self.kinds}
+        return MapBatch(maps=maps, pred_classes=predicted.cpu())
+
+
+def check_map_kinds(kinds, method: str) -> None:
+    """Every kind must be a CALM map kind; CAM has no location head, so only its class map."""
+    if not kinds:
+        raise ValueError("no map kind to evaluate")
+    for kind in kinds:
+        if kind not in MAP_KINDS:
+            raise ValueError(f"map kind {kind!r}: expected one of {', '.join(MAP_KINDS)}")
+        if method == "cam" and kind != "class":
+            raise ValueError(f"map kind {kind!r} needs a CALM model (location head); CAM has only the 'class' map")
+
+
+def images_to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Undo the loaders' ImageNet normalisation: float [B,3,S,S] -> uint8 [B,S,S,3] (RGB)."""
+    from calm_fast.data.torch_loader import IMAGENET_MEAN, IMAGENET_STD
+
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    pixels = (images.detach().float().cpu() * std + mean).clamp(0, 1) * 255
+    return pixels.round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+class BaselineMaps:
+    """Class-agnostic baselines (`calm_fast.baselines`) as a map source, at the loader's resolution.
+
+    "centre-gaussian": the same centred Gaussian for every image; "image-energy": the smoothed gradient
+    energy of the image as the model would see it (resized to input_size², normalisation undone).
+    """
+
+    def __init__(self, names: tuple[str, ...], energy_sigma_frac: float | None = None):
+        for name in names:
+            if name not in BASELINES:
+                raise ValueError(f"baseline {name!r}: expected one of {', '.join(BASELINES)}")
+        if not names:
+            raise ValueError("no baseline to evaluate")
+        self.names = tuple(names)
+        self.energy_sigma_frac = energy_sigma_frac
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> MapBatch:
+        from calm_fast import baselines
+
+        batch, _, height, width = images.shape
+        maps: dict[str, np.ndarray] = {}
+        if "centre-gaussian" in self.names:
+            maps["centre-gaussian"] = np.broadcast_to(baselines.centre_gaussian_map(height, width),
+                                                      (batch, height, width))
+        if "image-energy" in self.names:
+            pixels = images_to_uint8(images)
+            kwargs = {} if self.energy_sigma_frac is None else {"sigma_frac": self.energy_sigma_frac}
+            maps["image-energy"] = np.stack([baselines.image_energy_map(image, **kwargs) for image in pixels])
+        return MapBatch(maps=maps, pred_classes=None)
+
+
+# ------------------------------------------------------------------------------------- metric state
+
+
+def _as_numpy(array) -> np.ndarray:
+    if isinstance(array, torch.Tensor):
+        return array.detach().float().cpu().numpy()
+    return np.asarray(array)
+
+
+class MapMetrics:
+    """The exact, mergeable metric state of one map over (a shard of) a split.
+
+    Every accumulator is kept per group, where a group is a class (`per_class`) or the whole split;
+    the split's numbers come from merging the groups, so the per-class breakdown costs no second pass.
+    Box metrics need `split.boxes`, PxAP needs `split.masks`.
+    """
+
+    def __init__(self, split, settings: EvalSettings, classifies: bool):
+        from calm_fast.metrics import BoxAccuracy, PixelAP
+
+        self.settings = settings
+        self.classifies = classifies
+        self.has_boxes = split.boxes is not None
+        self.has_masks = split.masks is not None
+        self.num_groups = split.num_classes if settings.per_class else 1
+        interval = settings.cam_curve_interval
+        groups = range(self.num_groups)
+        self.box_v2 = [BoxAccuracy(interval, settings.iou_thresholds, settings.multi_contour) for _ in groups] \
+            if self.has_boxes else None
+        self.box_v1 = [BoxAccuracy(interval, (V1_IOU,), multi_contour=False) for _ in groups] \
+            if self.has_boxes else None
+        self.pixel = [PixelAP(interval) for _ in groups] if self.has_masks else None
+        # [class, (images, correct predictions)]: classification counts, always per class (they are tiny).
+        self.class_counts = np.zeros((split.num_classes, 2), np.int64)
+
+    def update(self, scoremaps: np.ndarray, labels: np.ndarray, pred_classes: np.ndarray | None,
+               gt_boxes: list[np.ndarray] | None, gt_masks: np.ndarray | None) -> None:
+        """Add normalised 224×224 maps [B,224,224] with their labels, predictions and ground truth."""
+        np.add.at(self.class_counts[:, 0], labels, 1)
+        if pred_classes is not None:
+            np.add.at(self.class_counts[:, 1], labels, (pred_classes == labels).astype(np.int64))
+        group_of = labels if self.settings.per_class else np.zeros_like(labels)
+        for group in np.unique(group_of):
+            rows = np.flatnonzero(group_of == group)
+            maps = scoremaps[rows]
+            box_kwargs = {}
+            if pred_classes is not None:
+                box_kwargs = {"pred_classes": pred_classes[rows], "labels": labels[rows]}
+            if self.has_boxes:
+                boxes = [gt_boxes[r] for r in rows]
+                self.box_v2[group].update(maps, boxes, **box_kwargs)
+                self.box_v1[group].update(maps, boxes, **box_kwargs)
+            if self.has_masks:
+                self.pixel[group].update(maps, gt_masks[rows])
+
+    # -- state: a flat list of int64 arrays, in a fixed order, so ranks can sum them element-wise
+
+    def _accumulators(self) -> list:
+        found = []
+        for family in (self.box_v2, self.box_v1, self.pixel):
+            if family is not None:
+                found.extend(family)
+        return found
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Every integer array of the state, under stable names."""
+        state = {"class_counts": self.class_counts}
+        for name, family in (("box_v2", self.box_v2), ("box_v1", self.box_v1), ("pixel", self.pixel)):
+            for group, accumulator in enumerate(family or ()):
+                for key, value in accumulator.state_dict().items():
+                    state[f"{name}/{group}/{key}"] = np.asarray(value)
+        return state
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        self.class_counts = np.asarray(state["class_counts"], np.int64).copy()
+        for name, family in (("box_v2", self.box_v2), ("box_v1", self.box_v1), ("pixel", self.pixel)):
+            for group, accumulator in enumerate(family or ()):
+                prefix = f"{name}/{group}/"
+                accumulator.load_state_dict({key[len(prefix):]: value for key, value in state.items()
+                                             if key.startswith(prefix)})
+
+    # -- numbers
+
+    def results(self, class_names: list[str] | None = None) -> dict[str, Any]:
+        """The split's metrics and (per_class) the breakdown, from the (summed) state."""
+        images, correct = self.class_counts.sum(axis=0)
+        out: dict[str, Any] = {"num_images": int(images),
+                               "cls_top1_acc": 100.0 * correct / images if self.classifies and images else None,
+                               "box": None, "mask": None}
+        populated = [g for g in range(self.num_groups) if self._group_images(g) > 0]
+        if self.has_boxes and populated:
+            v2 = _merged([self.box_v2[g] for g in populated]).compute()
+            v1 = _merged([self.box_v1[g] for g in populated]).compute()
+            out["box"] = self._box_results(v2, v1)
+        if self.has_masks and populated:
+            out["mask"] = self._mask_results(_merged([self.pixel[g] for g in populated]))
+        if self.settings.per_class:
+            out["per_class"] = self._per_class(populated, out, class_names)
+        return out
+
+    def _group_images(self, group: int) -> int:
+        if self.settings.per_class:
+            return int(self.class_counts[group, 0])
+        return int(self.class_counts[:, 0].sum())
+
+    def _box_results(self, v2: dict, v1: dict) -> dict[str, Any]:
+        from calm_fast.metrics import cam_thresholds
+
+        thresholds = cam_thresholds(self.settings.cam_curve_interval)
+        ious = [str(t) for t in self.settings.iou_thresholds]
+        best = [int(i) for i in v2["best_threshold_index"]]
+        result = {
+            "max_box_acc": float(v1["max_box_acc"][0]),
+            "max_box_acc_v2": float(v2["max_box_acc_v2"]),
+            "max_box_acc_per_iou": dict(zip(ious, map(float, v2["max_box_acc"]))),
+            "best_threshold": {iou: float(thresholds[i]) for iou, i in zip(ious, best)},
+            "top1_loc": None, "top1_loc_max": None,
+            "v1": {"best_threshold": float(thresholds[int(v1["best_threshold_index"][0])]),
+                   "top1_loc": None, "top1_loc_max": None},
+            "thresholds": thresholds,
+            "curves": dict(zip(ious, np.asarray(v2["curves"], np.float64))),
+            "v1_curve": np.asarray(v1["curves"], np.float64)[0],
+        }
+        if self.classifies:
+            result["top1_loc"] = dict(zip(ious, map(float, v2["top1_loc"])))
+            result["top1_loc_max"] = dict(zip(ious, map(float, v2["top1_loc_max"])))
+            result["v1"]["top1_loc"] = float(v1["top1_loc"][0])
+            result["v1"]["top1_loc_max"] = float(v1["top1_loc_max"][0])
+        return result
+
+    @staticmethod
+    def _mask_results(pixel) -> dict[str, Any] | None:
+        try:
+            computed = pixel.compute()
+        except (RuntimeError, ValueError) as error:  # no positive pixel in the set: PxAP is undefined
+            return {"pxap": None, "error": str(error)}
+        return {"pxap": float(computed["pxap"]), "precision": np.asarray(computed["precision"]),
+                "recall": np.asarray(computed["recall"])}
+
+    def _per_class(self, populated: list[int], split_results: dict, class_names) -> list[dict[str, Any]]:
+        """One row per class with images. Box accuracies are read at the thresholds that are best for
+        the whole split (a per-class maximum would pick a threshold per class and flatter every class)."""
+        rows = []
+        box = split_results["box"]
+        best = None
+        if box is not None:
+            best = [int(np.argmax(box["curves"][str(t)])) for t in self.settings.iou_thresholds]
+        for group in populated:
+            images, correct = self.class_counts[group]
+            row: dict[str, Any] = {"class": group}
+            if class_names is not None:
+                row["name"] = class_names[group]
+            row["num_images"] = int(images)
+            row["cls_top1_acc"] = 100.0 * correct / images if self.classifies else None
+            if box is not None:
+                computed = self.box_v2[group].compute()
+                curves = np.asarray(computed["curves"], np.float64)
+                at_best = [float(curves[d, k]) for d, k in enumerate(best)]
+                row["box_acc_v2"] = float(np.mean(at_best))
+                for t, value in zip(self.settings.iou_thresholds, at_best):
+                    row[f"box_acc_{t}"] = value
+                row["top1_loc"] = None
+                if self.classifies and "top1_curves" in computed:
+                    top1 = np.asarray(computed["top1_curves"], np.float64)
+                    row["top1_loc"] = float(np.mean([top1[d, k] for d, k in enumerate(best)]))
+            if self.has_masks:
+                mask = self._mask_results(self.pixel[group])
+                row["pxap"] = None if mask is None else mask["pxap"]
+            rows.append(row)
+        return rows
+
+
+def _merged(accumulators: list):
+    """A fresh accumulator holding the sum of `accumulators` (which are left unchanged)."""
+    import copy
+
+    total = copy.deepcopy(accumulators[0])
+    for other in accumulators[1:]:
+        total.merge(other)
+    return total
+
+
+# ----------------------------------------------------------------------------------- distributed sum
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_reduce_states(states: list[dict[str, np.ndarray]], device: torch.device | str = "cpu") -> list[dict]:
+    """Sum integer state dicts element-wise across ranks (one int64 all_reduce); returns the sums.
+
+    Every rank must hold the same names and shapes (it does: the shapes follow from the settings);
+    this is checked first, so a mismatch is a clear error instead of silently wrong numbers.
+    """
+    names = [(i, key) for i, state in enumerate(states) for key in sorted(state)]
+    arrays = [np.asarray(states[i][key]) for i, key in names]
+    for (i, key), array in zip(names, arrays):
+        if not np.issubdtype(array.dtype, np.integer):
+            raise TypeError(f"metric state {key!r} has dtype {array.dtype}; exact merging needs integers")
+    if _world_size() == 1:
+        return [{key: np.asarray(value, np.int64) for key, value in state.items()} for state in states]
+    layout = [(key, array.shape) for (_, key), array in zip(names, arrays)]
+    gathered: list = [None] * _world_size()
+    torch.distributed.all_gather_object(gathered, layout)
+    for rank, other in enumerate(gathered):
+        if other != layout:
+            raise RuntimeError(f"metric state layout of rank {rank} differs from this rank's; the ranks were "
+                               "started with different settings or splits")
+    flat = np.concatenate([array.astype(np.int64).ravel() for array in arrays]) if arrays else np.zeros(0, np.int64)
+    tensor = torch.from_numpy(flat).to(device)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+    flat = tensor.cpu().numpy()
+    out: list[dict[str, np.ndarray]] = [{} for _ in states]
+    offset = 0
+    for (i, key), array in zip(names, arrays):
+        out[i][key] = flat[offset:offset + array.size].reshape(array.shape)
+        offset += array.size
+    return out
+
+
+def _gather_to_all(obj) -> list:
+    if _world_size() == 1:
+        return [obj]
+    gathered: list = [None] * _world_size()
+    torch.distributed.all_gather_object(gathered, obj)
+    return gathered
+
+
+# ---------------------------------------------------------------------------------- the evaluation
+
+
+@dataclass
+class Evaluation:
+    """What `evaluate_maps` returns (identical on every rank).
+
+    results: map name -> the metrics of `MapMetrics.results`; state: map name -> summed integer state;
+    overlays: index -> (map name -> raw map, predicted class or None), the first images of the split;
+    saved_maps: this rank's raw maps (only with settings.save_maps).
+    """
+
+    num_images: int
+    results: dict[str, dict[str, Any]]
+    state: dict[str, dict[str, np.ndarray]]
+    overlays: dict[int, tuple[dict[str, np.ndarray], int | None]] = field(default_factory=dict)
+    saved_maps: dict[str, np.ndarray] | None = None
+    seconds: float = 0.0
+
+
+def ground_truth(split, indices: np.ndarray, need_boxes: bool, need_masks: bool):
+    """(boxes in the 224 frame, one [k,4] array per image | None; masks uint8 [B,224,224] | None)."""
+    from calm_fast.metrics import load_gt_mask, rescale_boxes
+
+    boxes = masks = None
+    if need_boxes:
+        sizes = split.image_sizes
+        boxes = [np.asarray(rescale_boxes(split.boxes[i], tuple(int(v) for v in sizes[i]))) for i in indices]
+    if need_masks:
+        masks = np.stack([load_gt_mask(split.masks[i].paths, split.masks[i].ignore_path) for i in indices])
+    return boxes, masks
+
+
+def evaluate_maps(map_fn: MapFn, split, loader, settings: EvalSettings = EvalSettings(),
+                  device: torch.device | str = "cpu", progress: bool = False) -> Evaluation:
+    """Score the maps of `map_fn` on `split`, with this rank's shard of the samples coming from `loader`.
+
+    `loader` yields (images, labels, indices); indices address `split`. Collective when a process group
+    is initialised: every rank calls it with its own shard and all get the same summed result. Raises if
+    a sample is missing or evaluated twice across ranks, or if a loader's label disagrees with the split.
+    """
+    from calm_fast.metrics import normalize_scoremaps
+
+    started = time.perf_counter()
+    metrics: dict[str, MapMetrics] = {}
+    seen = np.zeros(len(split), np.int64)
+    overlays: dict[int, tuple[dict[str, np.ndarray], int | None]] = {}
+    saved: dict[str, list] = {}
+    class_names = None
+    iterator = _with_progress(loader, progress, "eval")
+    for images, labels, indices in iterator:
+        labels_np = _as_numpy(labels).astype(np.int64)
+        indices_np = _as_numpy(indices).astype(np.int64)
+        _check_batch(split, labels_np, indices_np)
+        np.add.at(seen, indices_np, 1)
+        batch = map_fn(images, labels, indices)
+        pred = None if batch.pred_classes is None else _as_numpy(batch.pred_classes).astype(np.int64)
+        if not metrics:
+            metrics = {name: MapMetrics(split, settings, classifies=pred is not None) for name in batch.maps}
+        boxes, masks = ground_truth(split, indices_np, split.boxes is not None, split.masks is not None)
+        for name, raw in batch.maps.items():
+            raw = _as_numpy(raw)
+            metrics[name].update(normalize_scoremaps(raw), labels_np, pred, boxes, masks)
+            if settings.save_maps:
+                saved.setdefault(name, []).append(raw.astype(np.float32))
+        for row, index in enumerate(indices_np):
+            if index < settings.overlay_count:
+                overlays[int(index)] = ({name: _as_numpy(raw[row]).astype(np.float32)
+                                         for name, raw in batch.maps.items()},
+                                        None if pred is None else int(pred[row]))
+        if settings.save_maps:
+            saved.setdefault("indices", []).append(indices_np)
+            saved.setdefault("labels", []).append(labels_np)
+            if pred is not None:
+                saved.setdefault("pred_classes", []).append(pred)
+
+    # Every rank must know the map names even if its shard was empty.
+    names = next((list(m) for m in _gather_to_all(list(metrics)) if m), None)
+    if names is None:
+        raise ValueError(f"{split.metadata_dir}: the loader gave no sample on any rank")
+    classifies = all(m.classifies for m in metrics.values()) if metrics else None
+    classifies = next((c for c in _gather_to_all(classifies) if c is not None), False)
+    for name in names:
+        if name not in metrics:
+            metrics[name] = MapMetrics(split, settings, classifies=classifies)
+
+    ordered = [metrics[name].state() for name in names]
+    summed_seen, *summed = all_reduce_states([{"seen": seen}] + ordered)
+    _check_coverage(split, summed_seen["seen"])
+    results, state = {}, {}
+    for name, total in zip(names, summed):
+        metrics[name].load_state(total)
+        results[name] = metrics[name].results(class_names)
+        state[name] = total
+    merged_overlays = {}
+    for part in _gather_to_all(overlays):
+        merged_overlays.update(part)
+    saved_maps = None
+    if settings.save_maps:
+        saved_maps = {key: np.concatenate(value) for key, value in saved.items()} if saved else {}
+    return Evaluation(num_images=len(split), results=results, state=state, overlays=merged_overlays,
+                      saved_maps=saved_maps, seconds=time.perf_counter() - started)
+
+
+def _check_batch(split, labels: np.ndarray, indices: np.ndarray) -> None:
+    if indices.size and (indices.min() < 0 or indices.max() >= len(split)):
+        raise IndexError(f"{split.metadata_dir}: the loader gave sample index {int(indices.max())} outside "
+                         f"[0, {len(split)}); was it built for another split?")
+    wrong = np.flatnonzero(split.labels[indices] != labels)
+    if wrong.size:
+        i = int(indices[wrong[0]])
+        raise ValueError(f"{split.metadata_dir}: the loader's label {int(labels[wrong[0]])} for sample {i} "
+                         f"({split.image_ids[i]!r}) differs from class_labels.txt ({int(split.labels[i])}); "
+                         "is the loader's data (a .beton?) out of date?")
+
+
+def _check_coverage(split, seen: np.ndarray) -> None:
+    """Every sample exactly once across ranks: a missing or duplicated sample changes the numbers."""
+    bad = np.flatnonzero(seen != 1)
+    if bad.size:
+        i = int(bad[0])
+        raise RuntimeError(f"{split.metadata_dir}: sample {i} ({split.image_ids[i]!r}) was evaluated {int(seen[i])} "
+                           f"times across ranks ({bad.size} sample(s) not exactly once); the evaluation loader "
+                           "must shard every sample exactly once, without padding")
+
+
+def _with_progress(iterable, enabled: bool, label: str):
+    if not enabled:
+        yield from iterable
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    total = len(iterable) if hasattr(iterable, "__len__") else None
+    with Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  transient=True) as bar:
+        task = bar.add_task(label, total=total)
+        for item in iterable:
+            yield item
+            bar.advance(task)
+
+
+# ----------------------------------------------------------------------------------- models and data
+
+
+def build_eval_loader(cfg: Config, split, rank: int = 0, world_size: int = 1):
+    """The evaluation loader of `split` for this rank: resize straight to input_size², ImageNet mean/std,
+    samples r, r+W, ... on rank r; yields (images, labels, indices)."""
+    from calm_fast.data.torch_loader import build_torch_loader
+
+    data = cfg.data
+    if data.loader == "ffcv":
+        raise ConfigError('data.loader = "ffcv": calm-fast eval reads images through the plain PyTorch '
+                          'loader; use "torch" or "auto"')
+    return build_torch_loader(split, train=False, input_size=data.input_size, resize_size=data.resize_size,
+                              batch_size=cfg.eval.batch_size, num_workers=data.workers, rank=rank,
+                              world_size=world_size, seed=cfg.train.seed, drop_last=False,
+                              pin_memory=torch.cuda.is_available())
+
+
+def read_eval_split(cfg: Config, split_name: str):
+    """Read `split_name` of the configured dataset as a WSOLSplit."""
+    from calm_fast.data.metadata import default_image_root, default_metadata_root, read_split
+
+    data = cfg.data
+    metadata_root = data.metadata_root or default_metadata_root(data.root)
+    image_root = {"train": data.train_image_root, "val": data.val_image_root,
+                  "test": data.test_image_root}.get(split_name)
+    image_root = image_root or default_image_root(data.root, data.dataset, split_name)
+    return read_split(metadata_root, data.dataset, split_name, image_root, mask_root=data.mask_root,
+                      num_classes=data.num_classes)
+
+
+def evaluate_model(model: torch.nn.Module, split, cfg: Config, world=None, dtype: torch.dtype | None = None,
+                   loader=None, map_kinds: tuple[str, ...] | None = None,
+                   settings: EvalSettings | None = None, progress: bool = False) -> dict[str, Any]:
+    """Localization metrics of `model` on `split`: the function behind `calm-fast eval` and the periodic
+    validation of training. Collective when a process group is initialised.
+
+    Returns the headline numbers of the first map kind (default: the config's) as top-level scalars
+    (`cls_top1_acc`, `max_box_acc`, `max_box_acc_v2`, `top1_loc` (v1: IoU 0.5, one box), `pxap`;
+    absent when they do not apply), plus "map_kind", "num_images" and "maps" (every kind's full
+    results) and "evaluation" (the `Evaluation`). The model's train/eval mode is restored afterwards.
+    """
+    device = world.device if world is not None else next(model.parameters()).device
+    map_kinds = tuple(map_kinds or (effective_map_kind(cfg),))
+    settings = settings or EvalSettings.from_config(cfg)
+    if loader is None:
+        rank, size = (world.rank, world.world_size) if world is not None else (0, 1)
+        loader = build_eval_loader(cfg, split, rank, size)
+    source = ModelMaps(model, cfg.model.method, map_kinds, cfg.model.prior, device, dtype)
+    was_training = model.training
+    model.eval()
+    try:
+        evaluation = evaluate_maps(source, split, loader, settings, device=_reduce_device(device), progress=progress)
+    finally:
+        model.train(was_training)
+    return {**headline(evaluation.results[map_kinds[0]]), "map_kind": map_kinds[0],
+            "num_images": evaluation.num_images, "maps": evaluation.results, "evaluation": evaluation}
+
+
+def headline(results: dict[str, Any]) -> dict[str, float]:
+    """The few numbers people quote, from one map's results (keys absent when they do not apply)."""
+    out = {}
+    if results.get("cls_top1_acc") is not None:
+        out["cls_top1_acc"] = results["cls_top1_acc"]
+    box = results.get("box")
+    if box:
+        out["max_box_acc"] = box["max_box_acc"]
+        out["max_box_acc_v2"] = box["max_box_acc_v2"]
+        if box["v1"]["top1_loc"] is not None:
+            out["top1_loc"] = box["v1"]["top1_loc"]
+    mask = results.get("mask")
+    if mask and mask.get("pxap") is not None:
+        out["pxap"] = mask["pxap"]
+    return out
+
+
+def _reduce_device(device: torch.device | str) -> torch.device:
+    """Where the all_reduce tensor lives: the rank's CUDA device under NCCL, else the CPU (gloo)."""
+    device = torch.device(device)
+    dist = torch.distributed
+    if device.type == "cuda" and dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return device
+    return torch.device("cpu")
+
+
+def load_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Config | None]:
+    """(state dict, config or None) from a checkpoint of any form calm-fast meets.
+
+    Accepted: a run folder (its model.pt, else its newest checkpoint), a training checkpoint folder
+    (`checkpoints/step_N`, consolidated from ZeRO shards), a file written by `calm-fast train --export`,
+    or a plain PyTorch state dict file (optionally under "state_dict"/"model"/"module", with DDP's
+    "module." prefixes).
+    """
+    from calm_fast import checkpoint as ckpt
+
+    path = Path(path)
+    if path.is_dir():
+        if (path / ckpt.DEEPSPEED_TAG).is_dir():
+            return _load_training_checkpoint(path)
+        if (path / "model.pt").is_file():
+            return load_weights(path / "model.pt")
+        newest = ckpt.latest_checkpoint(path)
+        if newest is not None:
+            return _load_training_checkpoint(newest)
+        raise FileNotFoundError(f"{path}: neither model.pt, a checkpoint folder nor {ckpt.CHECKPOINTS}/step_* here")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"{path}: not a PyTorch checkpoint ({type(error).__name__}: {error})") from None
+    if isinstance(payload, dict) and payload.get("format") == ckpt.EXPORT_FORMAT:
+        state_dict, cfg, _ = ckpt.load_exported(path)
+        return state_dict, cfg
+    for key in ("state_dict", "model", "module"):
+        if isinstance(payload, dict) and isinstance(payload.get(key), dict):
+            payload = payload[key]
+            break
+    if not isinstance(payload, dict) or not all(isinstance(v, torch.Tensor) for v in payload.values()):
+        raise ValueError(f"{path}: expected a state dict (parameter name -> tensor)")
+    return {_strip_prefix(k): v for k, v in payload.items()}, None
+
+
+def _strip_prefix(key: str) -> str:
+    return key[len("module."):] if key.startswith("module.") else key
+
+
+def _load_training_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], Config | None]:
+    import contextlib
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from calm_fast import checkpoint as ckpt
+
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's consolidation chatter
+        state_dict = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=ckpt.DEEPSPEED_TAG)
+    config_path = folder / ckpt.CONFIG_FILE
+    return dict(state_dict), (load_config(config_path) if config_path.is_file() else None)
+
+
+def build_model_from(cfg: Config, num_classes: int, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """The configured architecture with `state_dict` loaded (strict: a mismatch names the keys)."""
+    from calm_fast.models import build_model
+
+    model = build_model(cfg.model.backbone, num_classes, cfg.model.method,
+                        large_feature_map=cfg.model.large_feature_map, batch_norm=cfg.model.batch_norm)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"the checkpoint does not fit model.backbone={cfg.model.backbone!r} "
+                         f"model.method={cfg.model.method!r} with {num_classes} classes: missing "
+                         f"{missing[:5]}{'…' if len(missing) > 5 else ''}, unexpected "
+                         f"{unexpected[:5]}{'…' if len(unexpected) > 5 else ''}")
+    return model
+
+
+# ----------------------------------------------------------------------------------------- reports
+
+
+def write_reports(evaluation: Evaluation, split, out_dir: Path, info: dict[str, Any], settings: EvalSettings,
+                  console=None) -> dict[str, Any]:
+    """results.json, metric_state.npz, plots, overlays and per-class files for one split (rank 0)."""
+    from calm_fast import report
+
+    out_dir = Path(out_dir)
+    results = {"format": RESULTS_FORMAT, **info, "dataset": split.dataset, "split": split.split,
+               "num_images": evaluation.num_images, "num_classes": split.num_classes,
+               "cam_curve_interval": settings.cam_curve_interval,
+               "iou_thresholds": list(settings.iou_thresholds), "multi_contour": settings.multi_contour,
+               "seconds": round(evaluation.seconds, 3), "maps": evaluation.results}
+    report.write_json(out_dir / "results.json", results)
+    report.save_npz(out_dir / "metric_state.npz",
+                    **{f"{name}/{key}": value for name, state in evaluation.state.items()
+                       for key, value in state.items()})
+    for name, metrics in evaluation.results.items():
+        _write_map_reports(report, out_dir, name, metrics, evaluation, split, settings)
+    report.print_results(results, console=console)
+    return results
+
+
+def _write_map_reports(report, out_dir: Path, name: str, metrics: dict, evaluation: Evaluation, split,
+                       settings: EvalSettings) -> None:
+    box, mask = metrics.get("box"), metrics.get("mask")
+    if box:
+        curves = {f"V2 δ={iou}": curve for iou, curve in box["curves"].items()}
+        curves[f"v1 δ={V1_IOU} (largest contour)"] = box["v1_curve"]
+        report.plot_box_accuracy(out_dir / f"boxacc_{name}.png", box["thresholds"], curves,
+                                 title=f"{split.dataset} {split.split}, {name} map")
+    if mask and mask.get("pxap") is not None:
+        report.plot_pr_curve(out_dir / f"pr_{name}.png", mask["precision"], mask["recall"], mask["pxap"],
+                             title=f"{split.dataset} {split.split}, {name} map")
+    rows = metrics.get("per_class")
+    if rows:
+        report.write_per_class_csv(out_dir / f"per_class_{name}.csv", rows)
+        key, label = ("box_acc_v2", "BoxAccV2 at the split's best τ (%)") if box else ("pxap", "PxAP (%)")
+        if any(row.get(key) is not None for row in rows):
+            report.plot_per_class(out_dir / f"per_class_{name}.png", rows, key, label,
+                                  title=f"{split.dataset} {split.split}, {name} map, per class")
+    if evaluation.overlays:
+        items = overlay_items(evaluation, split, name, metrics)
+        report.plot_overlay_grid(out_dir / f"overlays_{name}.png", items,
+                                 title=f"{split.dataset} {split.split}, {name} map: GT green, predicted red")
+
+
+def overlay_items(evaluation: Evaluation, split, name: str, metrics: dict) -> list:
+    """The overlay grid's cells: image, normalised map, GT boxes/mask and the box predicted at the best
+    threshold of MaxBoxAcc (v1: the largest contour), all in the 224×224 metric frame."""
+    import cv2
+
+    from calm_fast.data.torch_loader import load_rgb
+    from calm_fast.metrics import normalize_scoremaps
+    from calm_fast.metrics.opencv_reference import contour_boxes
+    from calm_fast.metrics.scoremaps import SCOREMAP_SIZE, integer_thresholds, quantize_scoremaps
+    from calm_fast.report import OverlayItem
+
+    box = metrics.get("box")
+    items = []
+    for index in sorted(evaluation.overlays):
+        maps, predicted = evaluation.overlays[index]
+        scoremap = normalize_scoremaps([maps[name]])[0]
+        image = np.asarray(load_rgb(split.image_path(index)))
+        image = cv2.resize(image, (SCOREMAP_SIZE, SCOREMAP_SIZE), interpolation=cv2.INTER_LINEAR)
+        gt_boxes, gt_masks = ground_truth(split, np.array([index]), split.boxes is not None, split.masks is not None)
+        pred_boxes = None
+        if box:
+            quantized = quantize_scoremaps(scoremap[None])
+            level = integer_thresholds(quantized, np.array([box["v1"]["best_threshold"]]))[0, 0]
+            pred_boxes = contour_boxes(quantized[0], int(level), multi_contour=False)
+        label = int(split.labels[index])
+        title = f"#{index} y={label}" + ("" if predicted is None else f" ŷ={predicted}")
+        items.append(OverlayItem(image=image, scoremap=scoremap, title=title,
+                                 gt_boxes=None if gt_boxes is None else gt_boxes[0], pred_boxes=pred_boxes,
+                                 gt_mask=None if gt_masks is None else gt_masks[0]))
+    return items
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", metavar="RUN_DIR",
+                        help="a training run folder: its config.toml, its model.pt (else newest checkpoint), "
+                             "and results under RUN_DIR/eval/")
+    parser.add_argument("--config", "-c", metavar="TOML", help="experiment config (default: the run's or the "
+                        "checkpoint's own)")
+    parser.add_argument("--checkpoint", metavar="PATH", help="model.pt from training, a checkpoint folder "
+                        "(checkpoints/step_N), a run folder, or a plain state dict file")
+    parser.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE",
+                        help="config overrides, e.g. eval.cam_curve_interval=0.001 data.root=data")
+    parser.add_argument("--split", nargs="+", metavar="SPLIT", help="split(s) to evaluate (default: eval.split)")
+    parser.add_argument("--map-kind", nargs="+", metavar="KIND",
+                        help=f"map kind(s): {', '.join(MAP_KINDS)} or all (default: eval.map_kind)")
+    parser.add_argument("--baseline", nargs="+", metavar="NAME", choices=BASELINES,
+                        help=f"evaluate class-agnostic baseline maps instead of a model: {', '.join(BASELINES)}")
+    parser.add_argument("--out", metavar="DIR", help="results folder (default: RUN_DIR/eval/SPLIT, "
+                        "RUN_DIR/eval-baselines/SPLIT for --baseline)")
+    parser.add_argument("--overlays", type=int, default=8, metavar="N",
+                        help="images in the overlay grid (the split's first N; 0: none)")
+    parser.add_argument("--no-per-class", dest="per_class", action="store_false",
+                        help="skip the per-class breakdown (one metric state instead of one per class)")
+    parser.add_argument("--save-maps", action="store_true",
+                        help="also write each rank's raw maps to OUT/maps/rank<r>.npz (compressed)")
+
+
+def resolve_config(args: argparse.Namespace) -> tuple[Config, Path | None]:
+    """The config (file, run, or checkpoint's own, then the overrides) and the checkpoint to load."""
+    run = Path(args.run) if args.run else None
+    checkpoint = Path(args.checkpoint) if args.checkpoint else run
+    if args.config:
+        return load_config(args.config, args.overrides), checkpoint
+    if run is not None and (run / "config.toml").is_file():
+        cfg = load_config(run / "config.toml", args.overrides)
+        return (cfg if args.run is None else dataclasses.replace(cfg, run_dir=str(run))), checkpoint
+    if checkpoint is not None and not args.baseline:
+        _, saved = load_weights(checkpoint)
+        if saved is not None:
+            return _with_overrides(saved, args.overrides), checkpoint
+        raise ConfigError(f"{checkpoint}: holds no config; pass --config")
+    raise ConfigError("no config: pass --config TOML, --run RUN_DIR, or a --checkpoint that carries its config")
+
+
+def _with_overrides(cfg: Config, overrides: list[str]) -> Config:
+    raw = config_to_dict(cfg)
+    for override in overrides:
+        key, value = parse_override(override)
+        section, _, name = key.rpartition(".")
+        target = raw.setdefault(section, {}) if section else raw
+        if not isinstance(target, dict):
+            raise ConfigError(f"override {override!r}: {section!r} is not a section")
+        target[name or key] = value
+    return config_from_dict({k: v for k, v in raw.items()})
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        cfg, checkpoint = resolve_config(args)
+        splits = args.split or [cfg.eval.split]
+        kinds = _map_kinds(args, cfg)
+        if args.overlays < 0:
+            raise ConfigError(f"--overlays must be >= 0, got {args.overlays}")
+    except (ConfigError, ValueError, FileNotFoundError) as error:
+        print(f"calm-fast eval: {error}", file=sys.stderr)
+        return 2
+    if checkpoint is None and not args.baseline:
+        print("calm-fast eval: nothing to evaluate: pass --checkpoint, --run or --baseline", file=sys.stderr)
+        return 2
+
+    from calm_fast.distributed import init_world, shutdown_world
+
+    world = init_world(cfg.dist.timeout_minutes)
+    try:
+        return _run(args, cfg, checkpoint, splits, kinds, world)
+    except Exception as error:
+        if world.world_size == 1:
+            raise
+        import traceback
+
+        traceback.print_exc()
+        print(f"[calm-fast] eval rank {world.rank} failed: {type(error).__name__}: {error}", file=sys.stderr,
+              flush=True)
+        return 1
+    finally:
+        shutdown_world()
+
+
+def _map_kinds(args: argparse.Namespace, cfg: Config) -> tuple[str, ...]:
+    if args.baseline:
+        return tuple(args.baseline)
+    if not args.map_kind:
+        kinds = (effective_map_kind(cfg),)
+    elif args.map_kind == ["all"]:
+        kinds = ("class",) if cfg.model.method == "cam" else MAP_KINDS
+    else:
+        kinds = tuple(args.map_kind)
+    check_map_kinds(kinds, cfg.model.method)
+    return kinds
+
+
+def _run(args, cfg: Config, checkpoint: Path | None, splits: list[str], kinds: tuple[str, ...], world) -> int:
+    from rich.console import Console
+
+    console = Console(stderr=False)
+    if world.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world.local_world_size))
+    settings = EvalSettings.from_config(cfg, per_class=args.per_class, overlay_count=args.overlays,
+                                        save_maps=args.save_maps)
+    model = None
+    info: dict[str, Any] = {"world_size": world.world_size}
+    if args.baseline:
+        info.update(source="baseline", baselines=list(args.baseline))
+    else:
+        state_dict, _ = load_weights(checkpoint)
+        info.update(source="model", checkpoint=str(checkpoint), backbone=cfg.model.backbone,
+                    method=cfg.model.method, prior=cfg.model.prior)
+    for split_name in splits:
+        split = read_eval_split(cfg, split_name)
+        if args.baseline:
+            source: MapFn = BaselineMaps(kinds)
+        else:
+            if model is None:
+                model = build_model_from(cfg, split.num_classes, state_dict).to(world.device).eval()
+            source = ModelMaps(model, cfg.model.method, kinds, cfg.model.prior, world.device)
+        loader = build_eval_loader(cfg, split, world.rank, world.world_size)
+        evaluation = evaluate_maps(source, split, loader, settings, device=_reduce_device(world.device),
+                                   progress=world.is_main and console.is_terminal)
+        default_out = Path(cfg.run_dir) / ("eval-baselines" if args.baseline else "eval") / split_name
+        out_dir = Path(args.out) / split_name if args.out and len(splits) > 1 else Path(args.out or default_out)
+        if settings.save_maps:
+            from calm_fast.report import save_npz
+
+            save_npz(out_dir / "maps" / f"rank{world.rank:05d}.npz", **evaluation.saved_maps)
+        if world.is_main:
+            write_reports(evaluation, split, out_dir, info, settings, console=console)
+            console.print(f"results: {out_dir / 'results.json'}")
+    return 0

@@ -1,0 +1,358 @@
+"""Every threshold's contour boxes in one or two union-find sweeps per score map (numba kernels).
+
+After uint8 quantisation the reference evaluator's foreground at integer threshold θ is `u > θ`, θ = 0..254,
+and these foregrounds are nested. So instead of one `cv2.findContours` per threshold:
+
+* **Outer contours** are the 8-connected components of `u > θ`. Adding pixels from high `u` to low `u` to a
+  union-find builds them for every θ at once; a component's bounding box only changes when it gains pixels.
+* **Hole contours** (RETR_TREE's inner borders) are the 4-connected components of the background `u <= θ`
+  that do not reach the image border. That is the same sweep on `v = 255 - u` (background at θ is
+  `v > 254 - θ`) with 4-connectivity and "touches the border" tracked per component. A hole whose pixels
+  span (x0, y0)-(x1, y1) is traced on the foreground around it, so its box is (x0-1, y0-1, x1+2, y1+2).
+* **Single-contour mode** keeps the contour of largest `cv2.contourArea`. The largest one is always an
+  outermost outer contour (a nested contour lies inside it and comes after it in OpenCV's list), whose
+  polygon area is that of its component with the holes filled in: over every 2x2 pixel window, 1 for a
+  window fully inside, 1/2 for a window with three pixels inside, else 0 (the border polygon joins pixel
+  centres and cuts three-pixel windows along the diagonal). Filling the holes at every θ at once is the
+  grey-level hole filling `r` (min over 4-paths to the border of the max `u` on the path), so the sweep runs
+  on `r` and sums the windows per component. Ties keep OpenCV's first contour: for outermost contours, the
+  one whose first pixel in raster order comes last.
+
+Each component state (a box valid for a range of θ) is offered to a per-θ best through a sparse-table
+range update, so the cost is O(pixels · α(pixels)) per map whatever the threshold grid.
+
+Speed: maps are padded with a never-added ring, so neighbours need no bounds checks. A new pixel's added
+neighbours that are consecutive around its 8-ring touch each other (8- and even 4-adjacent), so they were
+joined already; one find/union per run of them is enough, read from a table indexed by the neighbour mask.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+NUM_LEVELS = 256  # uint8 thresholds θ = 0..255 (θ = 255 never has foreground)
+_TABLE_DEPTH = 9  # sparse-table rows: block lengths 1, 2, 4, ..., 256
+
+# The 8-ring of a pixel, clockwise from north, as (dy, dx); bit k of a neighbour mask is ring[k].
+_RING = ((-1, 0), (-1, 1), (0, 1), (1, 1), (1, 0), (1, -1), (0, -1), (-1, -1))
+_ORTHOGONAL = (0, 2, 4, 6)
+
+
+def _run_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per 8-bit neighbour mask: one ring index per run of set bits to join (8- and 4-connected), and
+    the number of the pixel's four 2x2 windows that reach >= 3 added pixels once it is added."""
+    runs8 = np.full((256, 4), -1, np.int64)
+    runs4 = np.full((256, 4), -1, np.int64)
+    area_steps = np.zeros(256, np.int64)
+    for mask in range(256):
+        bits = [(mask >> k) & 1 for k in range(8)]
+        if all(bits):
+            runs = [list(range(8))]
+        else:
+            # Start after an unset bit so no run wraps around the ring's start.
+            first = next(k for k in range(8) if not bits[k])
+            runs, current = [], []
+            for step in range(1, 9):
+                k = (first + step) % 8
+                if bits[k]:
+                    current.append(k)
+                elif current:
+                    runs.append(current)
+                    current = []
+            if current:
+                runs.append(current)
+        reps8 = [run[0] for run in runs]
+        reps4 = [next(k for k in run if k in _ORTHOGONAL) for run in runs if any(k in _ORTHOGONAL for k in run)]
+        runs8[mask, :len(reps8)] = reps8
+        runs4[mask, :len(reps4)] = reps4
+        # Windows around the pixel: each is the pixel plus three ring members (two orthogonal, one diagonal).
+        for window in ((6, 7, 0), (0, 1, 2), (2, 3, 4), (4, 5, 6)):
+            area_steps[mask] += 1 + sum(bits[k] for k in window) >= 3
+    return runs8, runs4, area_steps
+
+
+_RUNS_8, _RUNS_4, _AREA_STEPS = _run_tables()
+_RING_DY = np.array([dy for dy, _ in _RING], np.int64)
+_RING_DX = np.array([dx for _, dx in _RING], np.int64)
+
+
+@numba.njit(cache=True, nogil=True)
+def _find(parent, pixel):
+    root = pixel
+    while parent[root] != root:
+        root = parent[root]
+    while parent[pixel] != root:  # path compression
+        up = parent[pixel]
+        parent[pixel] = root
+        pixel = up
+    return root
+
+
+@numba.njit(cache=True, nogil=True)
+def _max_iou(x0, y0, x1, y1, gt_boxes):
+    """Max IoU of one predicted box over the GT boxes, inclusive ends, computed as the reference does."""
+    best = 0.0
+    area = (x1 - x0 + 1) * (y1 - y0 + 1)
+    for g in range(gt_boxes.shape[0]):
+        gx0, gy0, gx1, gy1 = gt_boxes[g, 0], gt_boxes[g, 1], gt_boxes[g, 2], gt_boxes[g, 3]
+        inter = max(0, min(x1, gx1) - max(x0, gx0) + 1) * max(0, min(y1, gy1) - max(y0, gy0) + 1)
+        union = area + (gx1 - gx0 + 1) * (gy1 - gy0 + 1) - inter
+        iou = 0.0 if union <= 0 else inter / union
+        if iou > best or g == 0:
+            best = iou
+    return best
+
+
+@numba.njit(cache=True, nogil=True)
+def _range_best(key_table, iou_table, lo, hi, key, iou):
+    """Offer (key, iou) to every θ in [lo, hi] through two overlapping power-of-two blocks.
+
+    Row k, column c of the tables stands for the block θ = c .. c + 2**k - 1; `_push_down` resolves them.
+    """
+    length = hi - lo + 1
+    row = 0
+    while (2 << row) <= length:
+        row += 1
+    for column in (lo, hi - (1 << row) + 1):
+        if key > key_table[row, column]:
+            key_table[row, column] = key
+            iou_table[row, column] = iou
+
+
+@numba.njit(cache=True, nogil=True)
+def _push_down(key_table, iou_table):
+    """Resolve the blocks: row 0 then holds, per θ, the IoU of the offered state with the largest key."""
+    for row in range(_TABLE_DEPTH - 1, 0, -1):
+        half = 1 << (row - 1)
+        for column in range(NUM_LEVELS - (1 << row) + 1):
+            for child in (column, column + half):
+                if key_table[row, column] > key_table[row - 1, child]:
+                    key_table[row - 1, child] = key_table[row, column]
+                    iou_table[row - 1, child] = iou_table[row, column]
+
+
+@numba.njit(cache=True, nogil=True)
+def _pad(image):
+    """Flat (H+2, W+2) copy of a uint8 [H, W] image inside a ring of zeros."""
+    height, width = image.shape
+    padded = np.zeros((height + 2, width + 2), np.uint8)
+    padded[1:-1, 1:-1] = image
+    return padded.ravel()
+
+
+@numba.njit(cache=True, nogil=True)
+def _pad_holes(levels, filled):
+    """Hole-sweep inputs: 255 - u where u < r (the pixel lies in a hole for u <= θ < r), else 0; and the
+    sweep level 255 - r at which that hole joins the outside. Both flat (H+2, W+2) with a ring of zeros."""
+    height, width = levels.shape
+    hole_levels = np.zeros((height + 2, width + 2), np.uint8)
+    death = np.zeros((height + 2, width + 2), np.uint8)
+    for y in range(height):
+        for x in range(width):
+            if levels[y, x] < filled[y, x]:
+                hole_levels[y + 1, x + 1] = 255 - levels[y, x]
+                death[y + 1, x + 1] = 255 - filled[y, x]
+    return hole_levels.ravel(), death.ravel()
+
+
+@numba.njit(cache=True, nogil=True)
+def _sweep(padded, death, height, width, gt_boxes, holes, largest_only, key_table, iou_table):
+    """Offer every component of `padded > t`, for every t = 0..254, to the tables.
+
+    `padded` is a (H+2, W+2) map with a ring of zeros (never added). Pixels join from level 255 down to 1;
+    a component's box (and area) is one state from the level where it last changed down to the level
+    before it next changes, and is offered when it ends: just before the component changes again, or
+    after the last level. Modes:
+
+    * foreground (`holes=False`): 8-connected; t is θ; key = IoU, or with `largest_only` twice the contour
+      area then the first pixel's raster index (OpenCV's `max(contours, key=contourArea)`).
+    * holes (`holes=True`): `padded` holds 255 - u on the pixels that are inside a hole at some θ (u < r,
+      r the filled map) and 0 elsewhere; 4-connected; t = 254 - θ; key = IoU of the grown hole box. A hole
+      joins the outside background at θ = r, which is the same for all of its pixels: `death` holds the
+      matching sweep level 255 - r, where the component's last state is offered and it is marked dead.
+    """
+    stride = width + 2
+    n = padded.size
+    ring = _RING_DY * stride + _RING_DX
+    runs = _RUNS_4 if holes else _RUNS_8
+
+    # Counting sort of the image pixels by level; within a level they stay in raster order.
+    start = np.zeros(NUM_LEVELS + 1, np.int64)
+    for y in range(1, height + 1):
+        for p in range(y * stride + 1, y * stride + width + 1):
+            start[padded[p] + 1] += 1
+    for level in range(NUM_LEVELS):
+        start[level + 1] += start[level]
+    fill = start[:NUM_LEVELS].copy()
+    order = np.empty(height * width, np.int32)
+    row_of = np.empty(n, np.int32)
+    death_head = np.full(NUM_LEVELS, -1, np.int32)  # per sweep level, a linked list of pixels dying there
+    death_next = np.empty(n, np.int32)
+    for y in range(1, height + 1):
+        for p in range(y * stride + 1, y * stride + width + 1):
+            order[fill[padded[p]]] = p
+            fill[padded[p]] += 1
+            row_of[p] = y
+            if death[p] > 0:
+                death_next[p] = death_head[death[p]]
+                death_head[death[p]] = p
+
+    # Per-pixel union-find; the other arrays are meaningful at roots only. int32 keeps them in cache.
+    parent = np.empty(n, np.int32)
+    size = np.ones(n, np.int32)
+    box = np.empty((n, 4), np.int32)  # x0, y0, x1, y1 of the component's pixels, image coordinates
+    born = np.empty(n, np.int32)  # level L where the root's current state began (it holds for t <= L-1)
+    dead = np.zeros(n, np.bool_)
+    first = np.empty(n, np.int32)
+    area2 = np.zeros(n, np.int32)
+
+    for level in range(NUM_LEVELS - 1, 0, -1):
+        pixel = death_head[level]
+        while pixel >= 0:
+            r = _find(parent, pixel)
+            if not dead[r]:
+                dead[r] = True
+                _offer(key_table, iou_table, holes, largest_only, n, level, born[r] - 1,
+                       box[r], area2[r], first[r], height, width, gt_boxes)
+            pixel = death_next[pixel]
+        for i in range(start[level], start[level + 1]):
+            p = order[i]
+            py = row_of[p]
+            px = p - py * stride
+            mask = 0
+            for k in range(8):  # branch-free: "q joined before p" is data-dependent
+                q = p + ring[k]
+                mask |= ((padded[q] > level) | ((padded[q] == level) & (q < p))) << k
+            parent[p] = p
+            box[p, 0], box[p, 1], box[p, 2], box[p, 3] = px - 1, py - 1, px - 1, py - 1
+            born[p] = level
+            first[p] = p
+            root = p
+            for j in range(4):
+                if runs[mask, j] < 0:
+                    break
+                other = _find(parent, p + ring[runs[mask, j]])
+                if other == root:
+                    continue
+                for r in (root, other):  # a state from an earlier level ends here
+                    if born[r] != level:
+                        _offer(key_table, iou_table, holes, largest_only, n, level, born[r] - 1,
+                               box[r], area2[r], first[r], height, width, gt_boxes)
+                if size[root] < size[other]:
+                    root, other = other, root
+                parent[other] = root
+                size[root] += size[other]
+                born[root] = level
+                box[root, 0] = min(box[root, 0], box[other, 0])
+                box[root, 1] = min(box[root, 1], box[other, 1])
+                box[root, 2] = max(box[root, 2], box[other, 2])
+                box[root, 3] = max(box[root, 3], box[other, 3])
+                first[root] = min(first[root], first[other])
+                area2[root] += area2[other]
+            if largest_only:
+                area2[root] += _AREA_STEPS[mask]
+    for p in range(n):
+        if padded[p] > 0 and parent[p] == p and not dead[p]:
+            _offer(key_table, iou_table, holes, largest_only, n, 0, born[p] - 1,
+                   box[p], area2[p], first[p], height, width, gt_boxes)
+
+
+@numba.njit(cache=True, nogil=True)
+def _offer(key_table, iou_table, holes, largest_only, n, lo, hi, box, area2, first, height, width, gt_boxes):
+    """Score a state valid for sweep levels t in [lo, hi] and offer it (the hole sweep's t is 254 - θ).
+
+    Box rules of the reference: OpenCV's bounding rect (x, y, w, h) becomes (x, y, x+w, y+h) clipped to
+    the last row/column, one pixel larger than the pixels; a hole's contour runs on the foreground around
+    it, one pixel further out on every side.
+    """
+    if holes:
+        lo, hi = NUM_LEVELS - 2 - hi, NUM_LEVELS - 2 - lo
+        iou = _max_iou(box[0] - 1, box[1] - 1, min(box[2] + 2, width - 1), min(box[3] + 2, height - 1),
+                       gt_boxes)
+    else:
+        iou = _max_iou(box[0], box[1], min(box[2] + 1, width - 1), min(box[3] + 1, height - 1), gt_boxes)
+    if largest_only:
+        _range_best(key_table, iou_table, lo, hi, float(area2 * n + first), iou)
+    elif iou > 0.0:  # IoU 0 is the floor anyway wherever a contour exists
+        _range_best(key_table, iou_table, lo, hi, iou, iou)
+
+
+@numba.njit(cache=True, nogil=True)
+def _fill_holes(levels):
+    """Grey-level hole filling: min over 4-paths from each pixel to the border of the max level on the path.
+
+    Priority flood from the border with a bucket queue; a pixel's value is final when it is first reached.
+    """
+    height, width = levels.shape
+    flat = levels.ravel()
+    n = flat.size
+    filled = np.empty(n, np.uint8)
+    reached = np.zeros(n, np.bool_)
+    head = np.full(NUM_LEVELS, -1, np.int64)  # one linked stack of pixels per level
+    next_in_bucket = np.empty(n, np.int64)
+    for p in range(n):
+        py, px = p // width, p % width
+        if py == 0 or px == 0 or py == height - 1 or px == width - 1:
+            reached[p] = True
+            filled[p] = flat[p]
+            next_in_bucket[p] = head[flat[p]]
+            head[flat[p]] = p
+    for level in range(NUM_LEVELS):
+        while head[level] >= 0:
+            p = head[level]
+            head[level] = next_in_bucket[p]
+            py, px = p // width, p % width
+            for q in (p - width if py > 0 else -1, p - 1 if px > 0 else -1,
+                      p + 1 if px < width - 1 else -1, p + width if py < height - 1 else -1):
+                if q < 0 or reached[q]:
+                    continue
+                reached[q] = True
+                filled[q] = max(level, flat[q])
+                next_in_bucket[q] = head[filled[q]]
+                head[filled[q]] = q
+    return filled.reshape(height, width)
+
+
+@numba.njit(cache=True, nogil=True)
+def _level_best_iou(levels, gt_boxes, multi_contour, out):
+    """out[θ] = best IoU over the boxes at integer threshold θ; no contour gives the box (0, 0, 0, 0)."""
+    height, width = levels.shape
+    key_table = np.full((_TABLE_DEPTH, NUM_LEVELS), -np.inf)
+    iou_table = np.zeros((_TABLE_DEPTH, NUM_LEVELS), np.float64)
+    filled = _fill_holes(levels)
+    no_death = np.zeros((height + 2) * (width + 2), np.uint8)
+    if multi_contour:
+        _sweep(_pad(levels), no_death, height, width, gt_boxes, False, False, key_table, iou_table)
+        hole_levels, death = _pad_holes(levels, filled)
+        _sweep(hole_levels, death, height, width, gt_boxes, True, False, key_table, iou_table)
+    else:
+        _sweep(_pad(filled), no_death, height, width, gt_boxes, False, True, key_table, iou_table)
+    _push_down(key_table, iou_table)
+    # Below the map's peak some contour exists, so IoU 0 (states offered only when > 0) is the floor;
+    # from the peak up there is no foreground and the reference scores the box (0, 0, 0, 0).
+    peak = levels.max()
+    empty = _max_iou(0, 0, 0, 0, gt_boxes)
+    for level in range(NUM_LEVELS):
+        if level >= peak:
+            out[level] = empty
+        else:
+            out[level] = iou_table[0, level] if key_table[0, level] > -np.inf else 0.0
+
+
+@numba.njit(cache=True, nogil=True)
+def level_best_iou_serial(quantized, gt_boxes, gt_offsets, multi_contour):
+    """Per-level best IoU [N, 256] of uint8 maps [N, H, W]; map i's GT boxes are gt_boxes[off[i]:off[i+1]]."""
+    out = np.empty((quantized.shape[0], NUM_LEVELS), np.float64)
+    for i in range(quantized.shape[0]):
+        _level_best_iou(quantized[i], gt_boxes[gt_offsets[i]:gt_offsets[i + 1]], multi_contour, out[i])
+    return out
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def level_best_iou_parallel(quantized, gt_boxes, gt_offsets, multi_contour):
+    """`level_best_iou_serial` with the maps spread over numba's worker threads."""
+    out = np.empty((quantized.shape[0], NUM_LEVELS), np.float64)
+    for i in numba.prange(quantized.shape[0]):
+        _level_best_iou(quantized[i], gt_boxes[gt_offsets[i]:gt_offsets[i + 1]], multi_contour, out[i])
+    return out

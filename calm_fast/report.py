@@ -1,0 +1,349 @@
+"""Reports of an evaluation: a rich table, results.json, plots, an overlay grid and a per-class breakdown.
+
+Everything here turns numbers that `calm_fast.evaluate` computed into something to look at; nothing here
+computes a metric. Every file is written atomically (a temporary file in the same folder, then
+os.replace), so a killed job never leaves a half-written report that looks complete. Plots use
+matplotlib's Agg backend (no display needed).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+__all__ = [
+    "OverlayItem",
+    "atomic_write_bytes",
+    "write_json",
+    "save_npz",
+    "results_table",
+    "per_class_table",
+    "print_results",
+    "plot_box_accuracy",
+    "plot_pr_curve",
+    "plot_overlay_grid",
+    "plot_per_class",
+    "write_per_class_csv",
+]
+
+
+# ------------------------------------------------------------------------------------------ atomic files
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write `data` to `path` through a temporary file in the same folder and os.replace; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON data: numpy scalars and arrays become numbers and lists; NaN and ±inf become null."""
+    if isinstance(value, dict):
+        return {str(key): _jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(item) for item in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, (np.bool_, bool)):
+        return bool(value)
+    if isinstance(value, (np.integer, int)):
+        return int(value)
+    if isinstance(value, (np.floating, float)):
+        value = float(value)
+        return value if math.isfinite(value) else None  # JSON has no NaN
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    """Write `data` as indented JSON, atomically (NaN is written as null)."""
+    text = json.dumps(_jsonable(data), indent=2, allow_nan=False)
+    return atomic_write_bytes(path, (text + "\n").encode("utf-8"))
+
+
+def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> Path:
+    """np.savez_compressed, atomically."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def _save_figure(figure, path: str | os.PathLike) -> Path:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+# ------------------------------------------------------------------------------------------------ tables
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "–" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def results_table(results: dict, title: str | None = None):
+    """A rich Table with one row per map kind of one evaluated split (the `results.json` structure)."""
+    from rich.table import Table
+
+    maps: dict = results["maps"]
+    any_box = any(m.get("box") for m in maps.values())
+    any_mask = any(m.get("mask") for m in maps.values())
+    iou_keys = next((list(m["box"]["max_box_acc_per_iou"]) for m in maps.values() if m.get("box")), [])
+    title = title or f"{results.get('dataset', '?')} {results.get('split', '?')} · {results.get('num_images', '?')} images"
+    table = Table(title=title, title_justify="left")
+    table.add_column("map", style="bold")
+    table.add_column("top-1 cls", justify="right")
+    if any_box:
+        table.add_column("MaxBoxAcc", justify="right")
+        table.add_column("MaxBoxAccV2", justify="right", style="bold green")
+        for key in iou_keys:
+            table.add_column(f"δ={key}", justify="right")
+        table.add_column("top-1 loc", justify="right")
+    if any_mask:
+        table.add_column("PxAP", justify="right", style="bold green")
+    for kind, metrics in maps.items():
+        row = [kind, _fmt(metrics.get("cls_top1_acc"))]
+        box = metrics.get("box")
+        if any_box:
+            if box:
+                row += [_fmt(box["max_box_acc"]), _fmt(box["max_box_acc_v2"])]
+                row += [_fmt(box["max_box_acc_per_iou"].get(key)) for key in iou_keys]
+                top1 = box.get("top1_loc") or {}
+                row.append(_fmt(top1.get("50", next(iter(top1.values()), None)) if top1 else None))
+            else:
+                row += ["–"] * (3 + len(iou_keys))
+        if any_mask:
+            row.append(_fmt((metrics.get("mask") or {}).get("pxap")))
+        table.add_row(*row)
+    return table
+
+
+def per_class_table(rows: Sequence[dict], title: str = "per class", limit: int = 10):
+    """A rich Table of the per-class breakdown: all classes when few, else the `limit` worst and best.
+
+    Rows are sorted by their localization score (MaxBoxAccV2-style at the split's best thresholds, or
+    PxAP), worst first, which is the order someone debugging a model wants.
+    """
+    from rich.table import Table
+
+    ordered = sorted(rows, key=_class_sort_key)
+    if len(ordered) > 2 * limit:
+        shown = ordered[:limit] + [None] + ordered[-limit:]
+    else:
+        shown = ordered
+    has_box = any(r.get("box_acc_v2") is not None for r in rows)
+    has_mask = any("pxap" in r for r in rows)
+    table = Table(title=title, title_justify="left")
+    table.add_column("class", justify="right")
+    table.add_column("images", justify="right")
+    table.add_column("top-1 cls", justify="right")
+    if has_box:
+        table.add_column("BoxAccV2*", justify="right")
+        table.add_column("top-1 loc*", justify="right")
+    if has_mask:
+        table.add_column("PxAP", justify="right")
+    for row in shown:
+        if row is None:
+            table.add_row("…", *[""] * (len(table.columns) - 1))
+            continue
+        cells = [str(row["class"]), str(row["num_images"]), _fmt(row.get("cls_top1_acc"))]
+        if has_box:
+            cells += [_fmt(row.get("box_acc_v2")), _fmt(row.get("top1_loc"))]
+        if has_mask:
+            cells.append(_fmt(row.get("pxap")))
+        table.add_row(*cells)
+    table.caption = "* at the thresholds that are best for the whole split" if has_box else None
+    return table
+
+
+def _class_sort_key(row: dict) -> tuple:
+    score = row.get("box_acc_v2")
+    if score is None:
+        score = row.get("pxap")
+    return (math.inf if score is None else score, row["class"])
+
+
+def print_results(results: dict, console=None, per_class_limit: int = 10) -> None:
+    """Print the results table and, for each map kind, the per-class breakdown."""
+    from rich.console import Console
+
+    console = console or Console()
+    console.print(results_table(results))
+    for kind, metrics in results["maps"].items():
+        rows = metrics.get("per_class")
+        if rows and len(rows) > 1:
+            console.print(per_class_table(rows, title=f"{kind} map, per class", limit=per_class_limit))
+
+
+# ------------------------------------------------------------------------------------------------- plots
+
+
+def plot_box_accuracy(
+    path: str | os.PathLike,
+    thresholds: np.ndarray,
+    curves: dict[str, np.ndarray],
+    title: str = "BoxAcc against the score-map threshold",
+) -> Path:
+    """One line per curve (label -> BoxAcc in percent at each threshold), its maximum marked."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(6.4, 4.2))
+    for label, curve in curves.items():
+        curve = np.asarray(curve, dtype=np.float64)
+        (line,) = axis.plot(thresholds, curve, label=label, linewidth=1.6)
+        best = int(np.argmax(curve))  # the first maximum, as the metric picks it
+        axis.plot([thresholds[best]], [curve[best]], "o", color=line.get_color())
+        axis.annotate(f"{curve[best]:.1f} @ {thresholds[best]:.2f}", (thresholds[best], curve[best]),
+                      textcoords="offset points", xytext=(4, 4), fontsize=8, color=line.get_color())
+    axis.set_xlabel("threshold τ (fraction of the map's maximum)")
+    axis.set_ylabel("BoxAcc (%)")
+    axis.set_xlim(0, 1)
+    axis.set_ylim(0, 100)
+    axis.grid(alpha=0.3)
+    axis.legend(loc="upper right", fontsize=8)
+    axis.set_title(title, fontsize=10)
+    return _save_figure(figure, path)
+
+
+def plot_pr_curve(path: str | os.PathLike, precision: np.ndarray, recall: np.ndarray, pxap: float,
+                  title: str = "pixel precision-recall") -> Path:
+    """The PR curve of the pooled pixel histograms; points with undefined precision (0/0) are skipped."""
+    plt = _pyplot()
+    precision = np.asarray(precision, dtype=np.float64)
+    recall = np.asarray(recall, dtype=np.float64)
+    defined = np.isfinite(precision) & np.isfinite(recall)
+    figure, axis = plt.subplots(figsize=(4.8, 4.4))
+    axis.step(recall[defined], precision[defined], where="post", linewidth=1.6)
+    axis.set_xlabel("recall")
+    axis.set_ylabel("precision")
+    axis.set_xlim(0, 1)
+    axis.set_ylim(0, 1.02)
+    axis.grid(alpha=0.3)
+    axis.set_title(f"{title} · PxAP {pxap:.2f}", fontsize=10)
+    return _save_figure(figure, path)
+
+
+@dataclass
+class OverlayItem:
+    """One cell of the overlay grid, everything in the 224×224 metric frame.
+
+    image: uint8 [224, 224, 3] RGB; scoremap: float [224, 224] in [0, 1]; gt_boxes / pred_boxes: int
+    [k, 4] (x0, y0, x1, y1), inclusive ends; gt_mask: optional uint8 [224, 224] (1 = object, 255 = ignore).
+    """
+
+    image: np.ndarray
+    scoremap: np.ndarray
+    title: str
+    gt_boxes: np.ndarray | None = None
+    pred_boxes: np.ndarray | None = None
+    gt_mask: np.ndarray | None = None
+
+
+def _draw_boxes(axis, boxes: np.ndarray | None, colour: str, style: str) -> None:
+    from matplotlib.patches import Rectangle
+
+    if boxes is None:
+        return
+    for x0, y0, x1, y1 in np.asarray(boxes).reshape(-1, 4):
+        # Inclusive pixel ends: the box covers pixel centres x0..x1, so its outline spans x0-0.5..x1+0.5.
+        axis.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0 + 1, y1 - y0 + 1, fill=False,
+                                 edgecolor=colour, linewidth=1.5, linestyle=style))
+
+
+def plot_overlay_grid(path: str | os.PathLike, items: Sequence[OverlayItem], columns: int = 4,
+                      title: str | None = None) -> Path:
+    """A grid of images, each with its score map blended in, GT boxes (green) and predicted boxes (red,
+    dashed); a GT mask is drawn as a green outline."""
+    if not items:
+        raise ValueError("plot_overlay_grid: no item to draw")
+    plt = _pyplot()
+    columns = max(1, min(columns, len(items)))
+    rows = math.ceil(len(items) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.8 * rows), squeeze=False)
+    for axis in axes.ravel():
+        axis.axis("off")
+    for axis, item in zip(axes.ravel(), items):
+        axis.imshow(item.image, interpolation="nearest")
+        axis.imshow(item.scoremap, cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0, interpolation="nearest")
+        if item.gt_mask is not None:
+            axis.contour(item.gt_mask == 1, levels=[0.5], colors="lime", linewidths=1.0)
+        _draw_boxes(axis, item.gt_boxes, "lime", "-")
+        _draw_boxes(axis, item.pred_boxes, "red", "--")
+        axis.set_title(item.title, fontsize=7)
+    if title:
+        figure.suptitle(title, fontsize=10)
+    return _save_figure(figure, path)
+
+
+def plot_per_class(path: str | os.PathLike, rows: Sequence[dict], key: str, label: str,
+                   title: str = "per-class breakdown") -> Path:
+    """A bar per class of `rows[i][key]` (classes without a value are left out), sorted by value."""
+    plt = _pyplot()
+    values = [(row["class"], row[key]) for row in rows if row.get(key) is not None]
+    if not values:
+        raise ValueError(f"plot_per_class: no class has a value for {key!r}")
+    values.sort(key=lambda item: item[1])
+    figure, axis = plt.subplots(figsize=(max(4.0, min(0.25 * len(values), 24.0)), 3.6))
+    positions = np.arange(len(values))
+    axis.bar(positions, [v for _, v in values], color="tab:blue")
+    if len(values) <= 50:
+        axis.set_xticks(positions, [str(c) for c, _ in values], fontsize=7)
+    else:
+        axis.set_xticks([])
+    axis.set_xlabel("class (sorted)")
+    axis.set_ylabel(label)
+    axis.set_ylim(0, 100)
+    axis.grid(axis="y", alpha=0.3)
+    axis.set_title(title, fontsize=10)
+    return _save_figure(figure, path)
+
+
+def write_per_class_csv(path: str | os.PathLike, rows: Sequence[dict]) -> Path:
+    """The per-class rows as CSV (one column per key of the first row, in order), atomically."""
+    if not rows:
+        raise ValueError("write_per_class_csv: no row")
+    columns = list(rows[0])
+    lines = [",".join(columns)]
+    for row in rows:
+        cells = []
+        for column in columns:
+            value = row.get(column)
+            if value is None or (isinstance(value, float) and not math.isfinite(value)):
+                cells.append("")
+            elif isinstance(value, float):
+                cells.append(f"{value:.4f}")
+            else:
+                cells.append(str(value))
+        lines.append(",".join(cells))
+    return atomic_write_bytes(path, ("\n".join(lines) + "\n").encode("utf-8"))

@@ -1,0 +1,163 @@
+"""Config loading: TOML + extends + dotted overrides, type and choice checks, round trip, shipped configs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from calm_fast.config import (
+    Config,
+    ConfigError,
+    config_from_dict,
+    dump_toml,
+    effective_map_kind,
+    load_config,
+    parse_override,
+    save_config,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_the_reference_recipe():
+    cfg = load_config()
+    assert cfg == Config()
+    # CALM.md §3: SGD Nesterov 0.9, wd 1e-4, ×10 head LR, ×0.1 every 30 epochs, 40 epochs, LR 0.01, batch 64.
+    assert (cfg.optim.momentum, cfg.optim.nesterov, cfg.optim.weight_decay) == (0.9, True, 1e-4)
+    assert (cfg.optim.head_lr_multiplier, cfg.optim.lr_decay_factor, cfg.optim.lr_decay_frequency) == (10, 0.1, 30)
+    assert (cfg.train.epochs, cfg.optim.lr, cfg.data.batch_size) == (40, 0.01, 64)
+
+
+def test_extends_merges_key_by_key_and_child_wins(tmp_path):
+    write(tmp_path / "base.toml", 'run_dir = "runs/base"\n[optim]\nlr = 0.5\nmomentum = 0.5\n[train]\nepochs = 3\n')
+    child = write(tmp_path / "sub" / "child.toml", 'extends = "../base.toml"\n[optim]\nlr = 0.25\n')
+    cfg = load_config(child)
+    assert cfg.run_dir == "runs/base"
+    assert cfg.optim.lr == 0.25 and cfg.optim.momentum == 0.5 and cfg.train.epochs == 3
+
+
+def test_overrides_apply_last_and_parse_toml_values(tmp_path):
+    path = write(tmp_path / "c.toml", "[optim]\nlr = 0.5\n")
+    cfg = load_config(path, ["optim.lr=2", "data.dataset=CUB", 'model.backbone="vgg16"', "train.progress=false",
+                             "eval.iou_thresholds=[50, 70]", "run_dir=runs/x", "train.max_steps=7"])
+    assert cfg.optim.lr == 2.0 and isinstance(cfg.optim.lr, float)  # an int is accepted for a float
+    assert cfg.data.dataset == "CUB" and cfg.model.backbone == "vgg16"  # bare word -> string
+    assert cfg.train.progress is False and cfg.eval.iou_thresholds == [50, 70]
+    assert cfg.run_dir == "runs/x" and cfg.train.max_steps == 7
+
+
+def test_parse_override_rejects_missing_equals():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_override("optim.lr")
+    assert parse_override("a.b= 3 ") == ("a.b", 3)
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("[optim]\nlrr = 0.1\n", "unknown key 'optim.lrr'"),
+    ("[optimizer]\nlr = 0.1\n", "unknown key 'optimizer'"),
+    ("typo = 1\n", "unknown key 'typo'"),
+    ("[optim]\nlr = \"fast\"\n", "optim.lr must be float"),
+    ("[train]\nepochs = 2.5\n", "train.epochs must be int"),
+    ("[train]\nprogress = 1\n", "train.progress must be true or false"),
+    ("[model]\nmethod = \"gradcam\"\n", "model.method='gradcam'"),
+    ("[train]\nzero_stage = 3\n", "train.zero_stage=3"),
+    ("[train]\nprecision = \"fp8\"\n", "train.precision"),
+    ("[data]\ninput_size = 256\nresize_size = 224\n", "data.resize_size"),
+    ("[data]\nbatch_size = 0\n", "data.batch_size must be > 0"),
+    ("[eval]\niou_thresholds = 50\n", "eval.iou_thresholds must be a list"),
+    ("[model]\nmethod = \"cam\"\n[eval]\nmap_kind = \"joint\"\n", "needs a CALM model"),
+    ("[optim\n", "invalid TOML"),
+])
+def test_bad_files_name_the_file_and_key(tmp_path, text, needle):
+    path = write(tmp_path / "bad.toml", text)
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert needle in str(error.value)
+    assert str(path) in str(error.value)
+
+
+def test_error_in_a_parent_names_the_parent(tmp_path):
+    parent = write(tmp_path / "parent.toml", "[optim]\nbogus = 1\n")
+    child = write(tmp_path / "child.toml", 'extends = "parent.toml"\n[optim]\nlr = 0.1\n')
+    with pytest.raises(ConfigError) as error:
+        load_config(child)
+    assert str(parent) in str(error.value) and "optim.bogus" in str(error.value)
+
+
+def test_bad_override_names_the_override():
+    with pytest.raises(ConfigError, match=r"override 'optim\.lrr=1'.*unknown key 'optim\.lrr'"):
+        load_config(None, ["optim.lrr=1"])
+    with pytest.raises(ConfigError, match="more than one dot"):
+        load_config(None, ["optim.lr.x=1"])
+    with pytest.raises(ConfigError, match="is a section"):
+        load_config(None, ["optim=1"])
+
+
+def test_extends_cycle_and_missing_file(tmp_path):
+    write(tmp_path / "a.toml", 'extends = "b.toml"\n')
+    write(tmp_path / "b.toml", 'extends = "a.toml"\n')
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "a.toml")
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_dump_and_reload_round_trip(tmp_path):
+    cfg = load_config(None, ["optim.lr=1e-5", "data.mask_root=masks/x", 'data.dataset="a \\"quoted\\" name"',
+                             "train.max_minutes=3.5", "eval.iou_thresholds=[30]"])
+    save_config(cfg, tmp_path / "out" / "config.toml")
+    assert load_config(tmp_path / "out" / "config.toml") == cfg
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name != "config.toml"]  # no temp file left
+    assert config_from_dict(json.loads(json.dumps(dataclasses.asdict(cfg)))) == cfg
+
+
+def test_dump_omits_none_values():
+    assert "max_steps" not in dump_toml(Config())
+
+
+def test_effective_map_kind():
+    assert effective_map_kind(load_config(None, ["model.method=cam"])) == "class"
+    assert effective_map_kind(load_config(None, ["model.method=calm-ml"])) == "joint"
+    assert effective_map_kind(load_config(None, ["eval.map_kind=prior"])) == "prior"
+
+
+# ------------------------------------------------------------------------------------------ shipped
+
+
+def experiment_files():
+    return sorted((CONFIGS / "experiments").glob("*.toml"))
+
+
+def test_every_dataset_backbone_method_has_an_experiment():
+    names = {p.stem for p in experiment_files()}
+    expected = {f"{d}_{b}_{m}" for d in ("cub", "ilsvrc", "openimages")
+                for b in ("resnet50", "vgg16", "inception_v3") for m in ("cam", "calm-em", "calm-ml")}
+    assert names == expected
+
+
+@pytest.mark.parametrize("path", experiment_files(), ids=lambda p: p.stem)
+def test_shipped_experiments_load_with_the_paper_settings(path):
+    cfg = load_config(path)
+    parts = path.stem.split("_")
+    dataset, backbone, method = parts[0], "_".join(parts[1:-1]), parts[-1]
+    assert cfg.model.backbone == backbone and cfg.model.method == method
+    assert cfg.data.dataset == {"cub": "CUB", "ilsvrc": "ILSVRC", "openimages": "OpenImages"}[dataset]
+    assert cfg.data.num_classes == {"cub": 200, "ilsvrc": 1000, "openimages": 100}[dataset]
+    assert cfg.run_dir == f"runs/{path.stem}"
+    assert (cfg.data.batch_size, cfg.optim.lr, cfg.train.epochs, cfg.optim.lr_decay_frequency) == (64, 0.01, 40, 30)
+    assert (cfg.data.input_size, cfg.data.resize_size) == (224, 256) and cfg.model.large_feature_map
+
+
+def test_synthetic_config_loads():
+    cfg = load_config(CONFIGS / "synthetic.toml")
+    assert cfg.model.backbone == "tiny_resnet" and cfg.data.dataset == "SYNTH"

@@ -1,0 +1,236 @@
+"""Pieces of the training loop that need no process group: DeepSpeed config, LR schedule, sampling,
+augmentation seeding, checkpoint folders, metric-log truncation and the watchdog."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from calm_fast import checkpoint as ckpt
+from calm_fast.config import ConfigError, load_config
+from calm_fast.train import (
+    TrainBatches,
+    build_optimizer,
+    deepspeed_config,
+    global_batch_indices,
+    lr_factor,
+    truncate_metrics,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------ DeepSpeed config
+
+
+def test_deepspeed_config_from_toml_fields():
+    cfg = load_config(None, ["data.batch_size=64", "train.grad_accum=2", "train.precision=bf16",
+                             "train.zero_stage=2", "optim.grad_clip=1.5"])
+    ds = deepspeed_config(cfg, world_size=4)
+    assert ds["train_batch_size"] == 64 and ds["gradient_accumulation_steps"] == 2
+    assert ds["train_micro_batch_size_per_gpu"] == 8  # 64 / (2 × 4)
+    assert ds["zero_optimization"]["stage"] == 2 and ds["gradient_clipping"] == 1.5
+    assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
+
+
+def test_fp16_gets_dynamic_loss_scaling():
+    ds = deepspeed_config(load_config(None, ["train.precision=fp16"]), world_size=1)
+    assert ds["fp16"]["enabled"] is True and ds["fp16"]["loss_scale"] == 0
+
+
+def test_batch_must_divide_over_ranks_and_accumulation():
+    cfg = load_config(None, ["data.batch_size=64", "train.grad_accum=3"])
+    with pytest.raises(ConfigError, match="multiple of train.grad_accum"):
+        deepspeed_config(cfg, world_size=1)
+
+
+@pytest.mark.parametrize("name", ["zero1_bf16", "zero2_bf16", "zero1_fp16", "zero2_fp16"])
+def test_shipped_deepspeed_json_agrees_with_matching_toml(name):
+    stage, precision = int(name[4]), name.split("_")[1]
+    path = REPO / "configs" / "deepspeed" / f"{name}.json"
+    cfg = load_config(None, [f"train.deepspeed_json={json.dumps(str(path))}", f"train.zero_stage={stage}",
+                             f"train.precision={precision}"])
+    ds = deepspeed_config(cfg, world_size=2)
+    assert ds["zero_optimization"]["stage"] == stage and ds[precision]["enabled"] is True
+    assert ds["train_batch_size"] == 64  # "auto" filled in from the TOML
+    # The same file with a disagreeing TOML is an error naming the file and the key.
+    other = load_config(None, [f"train.deepspeed_json={json.dumps(str(path))}", f"train.zero_stage={3 - stage}",
+                               f"train.precision={precision}"])
+    with pytest.raises(ConfigError, match=rf"{name}\.json: zero_optimization\.stage"):
+        deepspeed_config(other, world_size=2)
+
+
+def test_deepspeed_json_may_not_name_an_optimizer(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
+    with pytest.raises(ConfigError, match="optimizer"):
+        deepspeed_config(load_config(None, [f"train.deepspeed_json={json.dumps(str(path))}"]), world_size=1)
+
+
+# --------------------------------------------------------------------------------------- LR schedule
+
+
+def test_step_schedule_decays_every_k_epochs():
+    cfg = load_config(None, ["optim.schedule=step", "optim.lr_decay_frequency=3", "optim.lr_decay_factor=0.1"])
+    steps_per_epoch = 10
+    factors = [lr_factor(s, cfg, steps_per_epoch, total_steps=100) for s in range(0, 100, 10)]  # epoch starts
+    expected = [1, 1, 1, 0.1, 0.1, 0.1, 0.01, 0.01, 0.01, 0.001]
+    assert factors == pytest.approx(expected)
+    assert lr_factor(29, cfg, steps_per_epoch, 100) == 1.0 and lr_factor(30, cfg, steps_per_epoch, 100) == pytest.approx(0.1)
+
+
+def test_cosine_with_warmup():
+    cfg = load_config(None, ["optim.schedule=cosine", "optim.warmup_steps=4", "optim.min_lr_ratio=0.1"])
+    f = [lr_factor(s, cfg, steps_per_epoch=7, total_steps=24) for s in range(24)]
+    assert f[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert f[4] == pytest.approx(1.0)
+    # Halfway through the 20 post-warm-up steps: 0.1 + 0.9 × 0.5 × (1 + cos(π/2)).
+    assert f[14] == pytest.approx(0.1 + 0.9 * 0.5)
+    assert all(a >= b for a, b in zip(f[4:], f[5:]))  # monotone after warm-up
+    assert lr_factor(24, cfg, 7, 24) == pytest.approx(0.1)
+
+
+def test_optimizer_groups_follow_the_model_and_head_multiplier():
+    from calm_fast.models import build_model
+
+    model = build_model("tiny_resnet", num_classes=3, method="calm-em")
+    cfg = load_config(None, ["optim.lr=0.03", "optim.head_lr_multiplier=10"])
+    optimizer = build_optimizer(model, cfg)
+    base, boosted = model.parameter_groups()
+    lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+    assert lrs == pytest.approx({"base": 0.03, "head": 0.3})
+    grouped = {g["name"]: {id(p) for p in g["params"]} for g in optimizer.param_groups}
+    assert grouped["base"] == {id(p) for p in base} and grouped["head"] == {id(p) for p in boosted}
+    group = optimizer.param_groups[0]
+    assert group["nesterov"] and group["momentum"] == 0.9 and group["weight_decay"] == 1e-4
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+def _micro_batches(n, g, world, rank, accum, epoch, first_step=0):
+    return [b.tolist() for b in global_batch_indices(n, g, world, rank, accum, seed=5, epoch=epoch,
+                                                     first_step=first_step)]
+
+
+@pytest.mark.parametrize("world, accum", [(1, 1), (1, 4), (2, 1), (2, 2), (4, 1)])
+def test_each_step_consumes_one_global_batch_of_the_epoch_permutation(world, accum):
+    n, g = 70, 16  # 4 full global batches, 6 samples dropped
+    order = np.random.default_rng([5, 3]).permutation(n)
+    per_rank = [_micro_batches(n, g, world, r, accum, epoch=3) for r in range(world)]
+    assert all(len(batches) == 4 * accum for batches in per_rank)
+    for step in range(4):
+        taken = [i for r in range(world) for b in per_rank[r][step * accum:(step + 1) * accum] for i in b]
+        assert sorted(taken) == sorted(order[step * g:(step + 1) * g].tolist())
+
+
+def test_one_rank_with_accumulation_sees_the_micro_batches_of_two_ranks():
+    one = _micro_batches(64, 16, world=1, rank=0, accum=2, epoch=0)
+    two = [_micro_batches(64, 16, world=2, rank=r, accum=1, epoch=0) for r in range(2)]
+    for step in range(4):
+        assert one[2 * step] == two[0][step] and one[2 * step + 1] == two[1][step]
+
+
+def test_first_step_skips_whole_global_batches_and_epochs_differ():
+    full = _micro_batches(64, 8, world=2, rank=1, accum=1, epoch=2)
+    assert _micro_batches(64, 8, world=2, rank=1, accum=1, epoch=2, first_step=5) == full[5:]
+    assert _micro_batches(64, 8, world=2, rank=1, accum=1, epoch=3) != full
+
+
+class _KeyDataset(torch.utils.data.Dataset):
+    """Returns the key it was asked for, so the test sees what TrainBatches requests."""
+
+    def __len__(self):
+        return 40
+
+    def __getitem__(self, key):
+        index, epoch = key
+        return torch.zeros(1), epoch, index
+
+
+def test_train_batches_request_this_ranks_samples_with_the_epoch():
+    from calm_fast.distributed import World
+
+    cfg = load_config(None, ["data.batch_size=8", "train.grad_accum=2", "data.workers=0", "train.seed=5"])
+    world = World(rank=1, local_rank=1, world_size=2, local_world_size=2, device=torch.device("cpu"))
+    batches = TrainBatches(_KeyDataset(), cfg, world)
+    assert batches.steps_per_epoch == 5
+    got = [(epochs.tolist(), indices.tolist()) for _, epochs, indices in batches.micro_batches(epoch=3, first_step=2)]
+    expected = _micro_batches(40, 8, world=2, rank=1, accum=2, epoch=3, first_step=2)
+    assert [indices for _, indices in got] == expected and len(got) == 3 * 2
+    assert all(epochs == [3, 3] for epochs, _ in got)
+
+
+# -------------------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_listing_ignores_partial_saves(tmp_path):
+    root = ckpt.checkpoint_root(tmp_path)
+    for name in ["step_00000004", "step_00000012", ".tmp-step_00000016", "step_00000008", "notes"]:
+        (root / name).mkdir(parents=True)
+    (root / "step_00000020").write_text("a file, not a checkpoint")
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [4, 8, 12]
+    assert ckpt.latest_checkpoint(tmp_path) == root / "step_00000012"
+    ckpt._prune(tmp_path, keep_last=2)
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [8, 12]
+    assert ckpt.latest_checkpoint(tmp_path / "nothing") is None
+
+
+def test_rng_capture_and_restore_round_trip():
+    import random
+
+    state = ckpt.capture_rng()
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    ckpt.restore_rng(state)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_atomic_torch_save_and_load_exported_rejects_foreign_files(tmp_path):
+    ckpt.atomic_torch_save({"a": torch.ones(2)}, tmp_path / "x.pt")
+    assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]
+    with pytest.raises(ValueError, match="not a calm-fast exported model"):
+        ckpt.load_exported(tmp_path / "x.pt")
+
+
+def test_truncate_metrics_keeps_records_up_to_the_checkpoint(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": s / 10}) + "\n" for s in range(1, 8)))
+    truncate_metrics(path, 4)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
+
+
+# ---------------------------------------------------------------------------------------- watchdog
+
+
+def test_watchdog_stops_a_stuck_process_with_a_message():
+    script = textwrap.dedent("""
+        import time
+        from calm_fast.distributed import Watchdog
+        dog = Watchdog(timeout_s=0.5, rank=7, poll_s=0.05).start()
+        dog.beat("step 3")
+        time.sleep(30)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 3
+    assert "rank 7: no progress" in result.stderr and "after step 3" in result.stderr
+
+
+def test_watchdog_stays_quiet_while_beats_arrive():
+    script = textwrap.dedent("""
+        import time
+        from calm_fast.distributed import Watchdog
+        dog = Watchdog(timeout_s=1.0, rank=0, poll_s=0.02).start()
+        for _ in range(30):  # 1.5 s in all, never 1 s without a beat
+            dog.beat("step")
+            time.sleep(0.05)
+        dog.stop()
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
