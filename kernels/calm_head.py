@@ -214,22 +214,54 @@ def _calm_head_combine_kernel(
 
     if HAS_LABELS:
         if k_chunk == 0:
-            target = tl.load(labels_ptr + b)
-            known = (target >= 0) & (target < K)
-            running_max = tl.full([1], float("-inf"), COMPUTE)
-            running_sum = tl.zeros([1], COMPUTE)
-            for j_start in range(0, NUM_N_BLOCKS, BLOCK_BLOCKS):
-                blocks = j_start + offs_j
-                mask = (blocks < NUM_N_BLOCKS)[:, None] & known
-                partial = tl.load(partial_image + blocks[:, None] * K + target, mask=mask, other=float("-inf"))
-                running_max, running_sum = _lse_update(running_max, running_sum, partial, 0)
-            log_marginal_target = _lse_finish(running_max, running_sum)
-            offs_cells = tl.arange(0, BLOCK_CELLS)
-            for n_start in range(0, N, BLOCK_CELLS):
-                in_n = n_start + offs_cells < N
-                cells = b.to(tl.int64) * N + n_start + offs_cells
-                joint_target = tl.load(joint_target_ptr + cells, mask=in_n)
-                tl.store(joint_target_ptr + cells, joint_target - log_marginal_target, mask=in_n)
+            _write_log_posterior(partial_image, joint_target_ptr + b.to(tl.int64) * N, tl.load(labels_ptr + b),
+                                 K, N, NUM_N_BLOCKS, COMPUTE, BLOCK_BLOCKS, BLOCK_CELLS)
+
+
+@triton.jit
+def _write_log_posterior(partial_image, joint_target_row, target, K, N, NUM_N_BLOCKS, COMPUTE: tl.constexpr,
+                         BLOCK_BLOCKS: tl.constexpr, BLOCK_CELLS: tl.constexpr):
+    """log p(z|x,y=t) = joint[t, z] - M_t over one image's cells, in place; M_t from the partials of t.
+    (A function of its own: names inside a run-time `if` must not change the type of names outside it.)"""
+    known = (target >= 0) & (target < K)
+    offs_j = tl.arange(0, BLOCK_BLOCKS)
+    running_max = tl.full([1], float("-inf"), COMPUTE)
+    running_sum = tl.zeros([1], COMPUTE)
+    for j_start in range(0, NUM_N_BLOCKS, BLOCK_BLOCKS):
+        blocks = j_start + offs_j
+        mask = (blocks < NUM_N_BLOCKS)[:, None] & known
+        partial = tl.load(partial_image + blocks[:, None] * K + target, mask=mask, other=float("-inf"))
+        running_max, running_sum = _lse_update(running_max, running_sum, partial, 0)
+    log_marginal_target = _lse_finish(running_max, running_sum)
+    offs_cells = tl.arange(0, BLOCK_CELLS)
+    for n_start in range(0, N, BLOCK_CELLS):
+        cells = n_start + offs_cells
+        joint_target = tl.load(joint_target_row + cells, mask=cells < N)
+        tl.store(joint_target_row + cells, joint_target - log_marginal_target, mask=cells < N)
+
+
+@triton.jit
+def _class_chunk(s_image, grad_row, marginal_row, classes, offs_n, in_n, K, shift,
+                 stride_sk, stride_sn, stride_gk, COMPUTE: tl.constexpr):
+    """For a chunk of classes: g_k, the logits S[k, z] on the cells and the posteriors
+    r[k, z] = exp(S[k, z] + shift_z - M_k)."""
+    g = tl.load(grad_row + classes * stride_gk, mask=classes < K, other=0.0).to(COMPUTE)
+    marginal = tl.load(marginal_row + classes, mask=classes < K, other=0.0)
+    logits = _load_logits(s_image, classes, offs_n, K, in_n, stride_sk, stride_sn, COMPUTE)
+    return g, logits, tl.exp(logits + shift[None, :] - marginal[:, None])
+
+
+@triton.jit
+def _store_grad_logits(s_image, grad_s_image, grad_row, marginal_row, classes, offs_n, in_n, K, shift, cell_lse,
+                       upstream_per_cell, stride_sk, stride_sn, stride_gk, stride_dsk, stride_dsn,
+                       COMPUTE: tl.constexpr):
+    """dS[k, z] = g_k r[k, z] - P[k, z] u_z for a chunk of classes, stored in dS's dtype."""
+    g, logits, posterior = _class_chunk(s_image, grad_row, marginal_row, classes, offs_n, in_n, K, shift,
+                                        stride_sk, stride_sn, stride_gk, COMPUTE)
+    class_prob = tl.exp(logits - cell_lse[None, :])
+    grad_logits = g[:, None] * posterior - class_prob * upstream_per_cell[None, :]
+    pointers = grad_s_image + classes[:, None] * stride_dsk + offs_n[None, :] * stride_dsn
+    tl.store(pointers, grad_logits.to(grad_s_image.dtype.element_ty), mask=(classes < K)[:, None] & in_n[None, :])
 
 
 @triton.jit
@@ -265,26 +297,16 @@ def _calm_head_backward_kernel(
     upstream_per_cell = tl.zeros([BLOCK_N], COMPUTE)
     upstream_total = tl.zeros([BLOCK_K], COMPUTE)
     for k_start in range(0, K, BLOCK_K):
-        classes = k_start + offs_k
-        g = tl.load(grad_row + classes * stride_gk, mask=classes < K, other=0.0).to(COMPUTE)
-        marginal = tl.load(marginal_row + classes, mask=classes < K, other=0.0)
-        logits = _load_logits(s_image, classes, offs_n, K, in_n, stride_sk, stride_sn, COMPUTE)
-        posterior = tl.exp(logits + shift[None, :] - marginal[:, None])
+        g, _, posterior = _class_chunk(s_image, grad_row, marginal_row, k_start + offs_k, offs_n, in_n, K, shift,
+                                       stride_sk, stride_sn, stride_gk, COMPUTE)
         upstream_per_cell += tl.sum(g[:, None] * posterior, axis=0)
         upstream_total += g
 
     # dS[k, z] = g_k r[k, z] - P[k, z] u_z
     for k_start in range(0, K, BLOCK_K):
-        classes = k_start + offs_k
-        g = tl.load(grad_row + classes * stride_gk, mask=classes < K, other=0.0).to(COMPUTE)
-        marginal = tl.load(marginal_row + classes, mask=classes < K, other=0.0)
-        logits = _load_logits(s_image, classes, offs_n, K, in_n, stride_sk, stride_sn, COMPUTE)
-        posterior = tl.exp(logits + shift[None, :] - marginal[:, None])
-        class_prob = tl.exp(logits - cell_lse[None, :])
-        grad_logits = g[:, None] * posterior - class_prob * upstream_per_cell[None, :]
-        pointers = grad_s_image + classes[:, None] * stride_dsk + offs_n[None, :] * stride_dsn
-        tl.store(pointers, grad_logits.to(grad_s_ptr.dtype.element_ty),
-                 mask=(classes < K)[:, None] & in_n[None, :])
+        _store_grad_logits(s_image, grad_s_image, grad_row, marginal_row, k_start + offs_k, offs_n, in_n, K,
+                           shift, cell_lse, upstream_per_cell, stride_sk, stride_sn, stride_gk, stride_dsk,
+                           stride_dsn, COMPUTE)
 
     if IS_RELU:
         a = tl.load(a_ptr + b.to(tl.int64) * stride_ab + offs_n * stride_an, mask=in_n, other=0.0).to(COMPUTE)
@@ -324,11 +346,13 @@ def _pow2_between(value: int, low: int, high: int) -> int:
 
 def default_launch_config(num_classes: int, num_cells: int, element_size: int = 2) -> LaunchConfig:
     """Blocks for a shape: a program's [K, BLOCK_N] tile near 32 KB, so that the second class loop finds it
-    in L2 (see the module docstring), 16 to 64 cells; class chunks of about 4096 elements a tile."""
+    in L2 (see the module docstring), 16 to 64 cells; class chunks of about 4096 elements a tile, spread over
+    8 warps (16 values a thread: ptxas gives the sm_90 kernels 64-111 registers and no spills, against
+    127-201 with 4 warps). Chosen without a GPU at hand: `calm-fast bench head --configs` measures others."""
     cells_for_l2 = 1 << max(0, (32768 // (num_classes * element_size)).bit_length() - 1)  # power of two below
     block_n = max(16, min(64, cells_for_l2, triton.next_power_of_2(num_cells)))
     block_k = _pow2_between(num_classes, 16, 4096 // block_n)
-    return LaunchConfig(block_n=block_n, block_k=block_k, num_warps=4)
+    return LaunchConfig(block_n=block_n, block_k=block_k, num_warps=8)
 
 
 def dram_bytes(batch: int, num_classes: int, num_cells: int, element_size: int, block_n: int = 64) -> dict:

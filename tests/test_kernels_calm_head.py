@@ -6,6 +6,10 @@ chosen so that programs see several cell blocks and class chunks, partly filled 
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -249,7 +253,7 @@ def test_bench_head_smoke_on_cpu(tmp_path):
     from calm_fast import cli
 
     out = tmp_path / "head.json"
-    status = cli.main(["bench", "head", "--device", "cpu", "--no-compile", "--shapes", "2x10x3x5", "--rep", "1",
+    status = cli.main(["bench", "head", "--device", "cpu", "--shapes", "2x10x3x5", "--rep", "1",
                        "--out", str(out)])
     results = json.loads(out.read_text())
     assert status == 0
@@ -258,3 +262,70 @@ def test_bench_head_smoke_on_cpu(tmp_path):
     assert (row["batch"], row["classes"], row["height"], row["width"]) == (2, 10, 3, 5)
     assert row["fused_ms"] > 0 and row["torch_ms"] > 0 and row["compile_ms"] is None
     assert math.isclose(row["speedup_vs_torch"], row["torch_ms"] / row["fused_ms"], rel_tol=1e-9)
+
+
+# Compiles the kernels for an H100 (sm_90) without a GPU, with the interpreter off: the interpreter runs
+# the kernels as Python and accepts code that the Triton compiler rejects (a name whose type changes inside
+# a run-time `if`, for one). ptxas then reports the spills of each variant.
+SM90_COMPILE_SCRIPT = r"""
+import os, re, subprocess, sys, tempfile
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
+from triton.compiler import ASTSource
+from calm_fast.kernels import calm_head as ch
+
+def spill_bytes(kernel, types, constexprs, num_warps):
+    signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in kernel.arg_names}
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": num_warps})
+    with tempfile.TemporaryDirectory() as folder:
+        ptx = os.path.join(folder, "kernel.ptx")
+        open(ptx, "w").write(compiled.asm["ptx"])
+        report = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name", "sm_90a", ptx, "-o", ptx + ".cubin"],
+                                capture_output=True, text=True, check=True).stderr
+    return int(re.search(r"(\d+) bytes spill stores", report).group(1))
+
+def types(logits, buffers):
+    return {"s_ptr": logits, "a_ptr": logits, "grad_s_ptr": logits, "grad_a_ptr": logits, "labels_ptr": "*i64",
+            **{n: buffers for n in ("partial_lse_ptr", "cell_lse_ptr", "log_prior_ptr", "joint_target_ptr",
+                                    "grad_ptr", "log_marginal_ptr")}}
+
+paper_k200, paper_k1000 = ch.default_launch_config(200, 784, 2), ch.default_launch_config(1000, 784, 2)
+variants = []
+for config, logits, relu, labels in ((paper_k200, "*bf16", True, True), (paper_k1000, "*fp16", False, False),
+                                     (paper_k1000, "*fp32", True, True)):
+    blocks = dict(BLOCK_K=config.block_k, BLOCK_N=config.block_n)
+    variants.append(("forward", ch._calm_head_forward_kernel, types(logits, "*fp32"),
+                     dict(IS_RELU=relu, HAS_LABELS=labels, COMPUTE=tl.float32, BLOCK_PRIOR=1024, **blocks),
+                     config.num_warps))
+    variants.append(("backward", ch._calm_head_backward_kernel, types(logits, "*fp32"),
+                     dict(IS_RELU=relu, COMPUTE=tl.float32, **blocks), config.num_warps))
+# one cell: Triton passes N == 1 and unit strides as constants
+variants.append(("forward N=1", ch._calm_head_forward_kernel, types("*bf16", "*fp32"),
+                 dict(N=1, stride_sn=1, stride_an=1, IS_RELU=True, HAS_LABELS=True, COMPUTE=tl.float32,
+                      BLOCK_K=16, BLOCK_N=16, BLOCK_PRIOR=16), 8))
+for labels in (True, False):
+    variants.append(("combine", ch._calm_head_combine_kernel, types("*bf16", "*fp32"),
+                     dict(HAS_LABELS=labels, COMPUTE=tl.float32, BLOCK_K=64, BLOCK_BLOCKS=64, BLOCK_CELLS=1024), 4))
+fp64 = [("forward fp64", ch._calm_head_forward_kernel, types("*fp64", "*fp64"),
+         dict(IS_RELU=False, HAS_LABELS=True, COMPUTE=tl.float64, BLOCK_K=16, BLOCK_N=16, BLOCK_PRIOR=64), 4),
+        ("backward fp64", ch._calm_head_backward_kernel, types("*fp64", "*fp64"),
+         dict(IS_RELU=True, COMPUTE=tl.float64, BLOCK_K=16, BLOCK_N=16), 4),
+        ("combine fp64", ch._calm_head_combine_kernel, types("*fp64", "*fp64"),
+         dict(HAS_LABELS=True, COMPUTE=tl.float64, BLOCK_K=16, BLOCK_BLOCKS=16, BLOCK_CELLS=64), 4)]
+for name, kernel, pointer_types, constexprs, num_warps in variants + fp64:
+    spills = spill_bytes(kernel, pointer_types, constexprs, num_warps)
+    print(name, spills)
+    if spills and "fp64" not in name:
+        sys.exit(f"{name}: {spills} bytes of register spills")
+"""
+
+
+def test_kernels_compile_for_sm90_without_spills():
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    environment = {**os.environ, "TRITON_INTERPRET": "0"}
+    result = subprocess.run([sys.executable, "-c", SM90_COMPILE_SCRIPT], env=environment, capture_output=True,
+                            text=True, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert len(result.stdout.splitlines()) == 12

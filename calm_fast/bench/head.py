@@ -13,7 +13,7 @@ Targets on the GPU: >= 3x the plain head, >= 1.5x torch.compile, >= 70% of peak 
 memory <= one [B, K, N] tensor (the gradient of S) plus per-cell and per-class vectors.
 
     python -m calm_fast.cli bench head --out runs/bench/head.json
-    python -m calm_fast.cli bench head --device cpu --no-compile --out /tmp/head-smoke.json
+    python -m calm_fast.cli bench head --device cpu --out runs/bench/head-smoke.json
 """
 
 from __future__ import annotations
@@ -80,8 +80,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16", help="input dtype of S and a")
     parser.add_argument("--prior", choices=head.PRIORS, default="relu")
     parser.add_argument("--objective", choices=("em", "ml"), default="em", help="the loss timed fwd+bwd")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                        help="also time torch.compile of the plain head")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="also time torch.compile of the plain head (default: on GPU only)")
     parser.add_argument("--rep", type=int, default=None, help="timed repetitions (default 50 on GPU, 3 on cpu)")
     parser.add_argument("--peak-gbs", type=float, default=None,
                         help="the card's peak DRAM bandwidth in GB/s (default: looked up by device name)")
@@ -279,10 +279,10 @@ def _bench_shape(shape: Shape, args, device, rep, l2_flush, peak_gbs, copy_gbs) 
     from calm_fast.kernels.calm_head import default_launch_config, dram_bytes
 
     dtype = DTYPES[args.dtype]
-    g = torch.Generator().manual_seed(0)
-    s = torch.randn(shape.batch, shape.classes, shape.height, shape.width, generator=g).to(device, dtype)
-    a = torch.randn(shape.batch, 1, shape.height, shape.width, generator=g).to(device, dtype)
-    labels = torch.randint(0, shape.classes, (shape.batch,), generator=g).to(device)
+    g = torch.Generator(device=device).manual_seed(0)
+    s = torch.randn(shape.batch, shape.classes, shape.height, shape.width, generator=g, device=device, dtype=dtype)
+    a = torch.randn(shape.batch, 1, shape.height, shape.width, generator=g, device=device, dtype=dtype)
+    labels = torch.randint(0, shape.classes, (shape.batch,), generator=g, device=device)
     s.requires_grad_()
     a.requires_grad_()
     loss = functools.partial(head.calm_loss, objective=args.objective, prior=args.prior)
@@ -368,6 +368,8 @@ def _write_json_atomic(path: Path, payload: dict) -> None:
 def main(args: argparse.Namespace) -> int:
     device = _resolve_device(args.device)
     rep = args.rep or (50 if device.type == "cuda" else 3)
+    if args.compile is None:
+        args.compile = device.type == "cuda"
     if rep < 1:
         raise SystemExit(f"--rep {rep}: expected at least 1")
     shapes = args.shapes or [Shape.parse(text) for text in (PAPER_SHAPES if device.type == "cuda" else SMOKE_SHAPES)]
