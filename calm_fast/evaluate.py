@@ -11,7 +11,9 @@ datasets have both boxes and masks and get both.
 Distributed. The same code runs as one process, under `deepspeed` or under `torchrun`. Each rank takes a
 shard of the split (rank r: samples r, r+W, ...; every sample exactly once, which is checked), turns its
 maps into the metrics' exact integer state (counts per IoU × score threshold, pixel histograms) and the
-states are summed with one int64 all_reduce, so W ranks give exactly the one-process numbers.
+states are summed with one int64 all_reduce, so W ranks give exactly the one-process numbers for the same
+maps. (The maps themselves are floats from the model: a different CPU thread count, or on GPU a different
+kernel choice, can change their last bits and so move a pixel across a threshold.)
 
 Outputs, under `<run_dir>/eval/<split>/` (or --out), written by rank 0, each file atomically:
   results.json            every number, curves included (NaN written as null)
@@ -20,7 +22,8 @@ Outputs, under `<run_dir>/eval/<split>/` (or --out), written by rank 0, each fil
   pr_<map>.png            the pixel precision-recall curve (mask datasets)
   overlays_<map>.png      the first few images with GT box, predicted box and the map
   per_class_<map>.csv/png the per-class breakdown
-  maps/rank<r>.npz        only with --save-maps: each rank's raw maps (float32, model resolution) by index
+  maps/rank<r>.npz        only with --save-maps: this rank's raw maps (map_<name>: float32 [n, h, w] at
+                          the model's resolution) with their indices, labels and predicted classes
 
 Map sources. `evaluate_maps(map_fn, split, loader, ...)` scores anything that turns a batch into maps:
 a model (`ModelMaps`), or a class-agnostic baseline (`BaselineMaps`: a centred Gaussian, the smoothed
@@ -187,16 +190,19 @@ class BaselineMaps:
 
 def _as_numpy(array) -> np.ndarray:
     if isinstance(array, torch.Tensor):
-        return array.detach().float().cpu().numpy()
+        array = array.detach()
+        return (array.float() if array.is_floating_point() else array).cpu().numpy()  # numpy has no bf16
     return np.asarray(array)
 
 
 class MapMetrics:
     """The exact, mergeable metric state of one map over (a shard of) a split.
 
-    Every accumulator is kept per group, where a group is a class (`per_class`) or the whole split;
-    the split's numbers come from merging the groups, so the per-class breakdown costs no second pass.
-    Box metrics need `split.boxes`, PxAP needs `split.masks`.
+    The split's numbers come from the metrics' own accumulators: `BoxAccuracy` twice (MaxBoxAccV2 with
+    the settings' IoU thresholds and contour rule; MaxBoxAcc v1: IoU 0.5, largest contour) when the split
+    has boxes, `PixelAP` when it has masks. The per-class breakdown adds, per class, the box-correct and
+    top-1-correct counts [class, IoU, τ] (from the per-image correctness that `BoxAccuracy.update`
+    returns) and one `PixelAP` per class. Everything is integer counts, summed across ranks.
     """
 
     def __init__(self, split, settings: EvalSettings, classifies: bool):
@@ -204,164 +210,147 @@ class MapMetrics:
 
         self.settings = settings
         self.classifies = classifies
-        self.has_boxes = split.boxes is not None
-        self.has_masks = split.masks is not None
-        self.num_groups = split.num_classes if settings.per_class else 1
+        self.num_classes = split.num_classes
         interval = settings.cam_curve_interval
-        groups = range(self.num_groups)
-        self.box_v2 = [BoxAccuracy(interval, settings.iou_thresholds, settings.multi_contour) for _ in groups] \
-            if self.has_boxes else None
-        self.box_v1 = [BoxAccuracy(interval, (V1_IOU,), multi_contour=False) for _ in groups] \
-            if self.has_boxes else None
-        self.pixel = [PixelAP(interval) for _ in groups] if self.has_masks else None
-        # [class, (images, correct predictions)]: classification counts, always per class (they are tiny).
-        self.class_counts = np.zeros((split.num_classes, 2), np.int64)
+        has_boxes, has_masks = split.boxes is not None, split.masks is not None
+        self.box_v2 = BoxAccuracy(interval, settings.iou_thresholds, settings.multi_contour) if has_boxes else None
+        self.box_v1 = BoxAccuracy(interval, (V1_IOU,), multi_contour=False) if has_boxes else None
+        self.pixel = PixelAP(interval) if has_masks else None
+        # [class, (images, correct predictions)]: tiny, so always kept per class.
+        self.class_counts = np.zeros((self.num_classes, 2), np.int64)
+        self.class_box_correct = self.class_top1_correct = self.class_pixel = None
+        if settings.per_class and has_boxes:
+            shape = (self.num_classes, *self.box_v2.num_correct.shape)
+            self.class_box_correct = np.zeros(shape, np.int64)
+            self.class_top1_correct = np.zeros(shape, np.int64)
+        if settings.per_class and has_masks:
+            self.class_pixel = [PixelAP(interval) for _ in range(self.num_classes)]
 
     def update(self, scoremaps: np.ndarray, labels: np.ndarray, pred_classes: np.ndarray | None,
                gt_boxes: list[np.ndarray] | None, gt_masks: np.ndarray | None) -> None:
-        """Add normalised 224×224 maps [B,224,224] with their labels, predictions and ground truth."""
+        """Add normalised maps [B,224,224] with their labels, predictions (or None) and ground truth."""
         np.add.at(self.class_counts[:, 0], labels, 1)
+        class_correct = None
         if pred_classes is not None:
-            np.add.at(self.class_counts[:, 1], labels, (pred_classes == labels).astype(np.int64))
-        group_of = labels if self.settings.per_class else np.zeros_like(labels)
-        for group in np.unique(group_of):
-            rows = np.flatnonzero(group_of == group)
-            maps = scoremaps[rows]
-            box_kwargs = {}
-            if pred_classes is not None:
-                box_kwargs = {"pred_classes": pred_classes[rows], "labels": labels[rows]}
-            if self.has_boxes:
-                boxes = [gt_boxes[r] for r in rows]
-                self.box_v2[group].update(maps, boxes, **box_kwargs)
-                self.box_v1[group].update(maps, boxes, **box_kwargs)
-            if self.has_masks:
-                self.pixel[group].update(maps, gt_masks[rows])
+            class_correct = pred_classes == labels
+            np.add.at(self.class_counts[:, 1], labels, class_correct.astype(np.int64))
+        if self.box_v2 is not None:
+            known = {} if pred_classes is None else {"pred_classes": pred_classes, "labels": labels}
+            correct = self.box_v2.update(scoremaps, gt_boxes, **known)  # bool [B, IoU, τ]
+            self.box_v1.update(scoremaps, gt_boxes, **known)
+            if self.class_box_correct is not None:
+                np.add.at(self.class_box_correct, labels, correct.astype(np.int64))
+                if class_correct is not None:
+                    np.add.at(self.class_top1_correct, labels, (correct & class_correct[:, None, None]).astype(np.int64))
+        if self.pixel is not None:
+            self.pixel.update(scoremaps, gt_masks)
+            if self.class_pixel is not None:
+                for label in np.unique(labels):
+                    rows = labels == label
+                    self.class_pixel[label].update(scoremaps[rows], gt_masks[rows])
 
-    # -- state: a flat list of int64 arrays, in a fixed order, so ranks can sum them element-wise
-
-    def _accumulators(self) -> list:
-        found = []
-        for family in (self.box_v2, self.box_v1, self.pixel):
-            if family is not None:
-                found.extend(family)
-        return found
+    # -- state: named int64 arrays, the same names and shapes on every rank
 
     def state(self) -> dict[str, np.ndarray]:
-        """Every integer array of the state, under stable names."""
         state = {"class_counts": self.class_counts}
-        for name, family in (("box_v2", self.box_v2), ("box_v1", self.box_v1), ("pixel", self.pixel)):
-            for group, accumulator in enumerate(family or ()):
-                for key, value in accumulator.state_dict().items():
-                    state[f"{name}/{group}/{key}"] = np.asarray(value)
+        for name in ("box_v2", "box_v1", "pixel"):
+            accumulator = getattr(self, name)
+            if accumulator is not None:
+                state.update({f"{name}/{key}": value for key, value in accumulator.state_dict().items()})
+        if self.class_box_correct is not None:
+            state["class_box_correct"] = self.class_box_correct
+            state["class_top1_correct"] = self.class_top1_correct
+        if self.class_pixel is not None:
+            per_class = [pixel.state_dict() for pixel in self.class_pixel]
+            state.update({f"class_pixel/{key}": np.stack([s[key] for s in per_class]) for key in per_class[0]})
         return state
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
-        self.class_counts = np.asarray(state["class_counts"], np.int64).copy()
-        for name, family in (("box_v2", self.box_v2), ("box_v1", self.box_v1), ("pixel", self.pixel)):
-            for group, accumulator in enumerate(family or ()):
-                prefix = f"{name}/{group}/"
-                accumulator.load_state_dict({key[len(prefix):]: value for key, value in state.items()
-                                             if key.startswith(prefix)})
+        def section(prefix: str) -> dict[str, np.ndarray]:
+            return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+
+        self.class_counts = np.asarray(state["class_counts"], np.int64)
+        for name in ("box_v2", "box_v1", "pixel"):
+            accumulator = getattr(self, name)
+            if accumulator is not None:
+                accumulator.load_state_dict(section(f"{name}/"))
+        if self.class_box_correct is not None:
+            self.class_box_correct = np.asarray(state["class_box_correct"], np.int64)
+            self.class_top1_correct = np.asarray(state["class_top1_correct"], np.int64)
+        if self.class_pixel is not None:
+            stacked = section("class_pixel/")
+            for label, pixel in enumerate(self.class_pixel):
+                pixel.load_state_dict({key: value[label] for key, value in stacked.items()})
 
     # -- numbers
 
-    def results(self, class_names: list[str] | None = None) -> dict[str, Any]:
+    def results(self) -> dict[str, Any]:
         """The split's metrics and (per_class) the breakdown, from the (summed) state."""
-        images, correct = self.class_counts.sum(axis=0)
-        out: dict[str, Any] = {"num_images": int(images),
+        images, correct = (int(v) for v in self.class_counts.sum(axis=0))
+        out: dict[str, Any] = {"num_images": images,
                                "cls_top1_acc": 100.0 * correct / images if self.classifies and images else None,
-                               "box": None, "mask": None}
-        populated = [g for g in range(self.num_groups) if self._group_images(g) > 0]
-        if self.has_boxes and populated:
-            v2 = _merged([self.box_v2[g] for g in populated]).compute()
-            v1 = _merged([self.box_v1[g] for g in populated]).compute()
-            out["box"] = self._box_results(v2, v1)
-        if self.has_masks and populated:
-            out["mask"] = self._mask_results(_merged([self.pixel[g] for g in populated]))
+                               "box": self._box_results() if self.box_v2 is not None and images else None,
+                               "mask": _pxap(self.pixel) if self.pixel is not None and images else None}
         if self.settings.per_class:
-            out["per_class"] = self._per_class(populated, out, class_names)
+            out["per_class"] = self._per_class(out["box"])
         return out
 
-    def _group_images(self, group: int) -> int:
-        if self.settings.per_class:
-            return int(self.class_counts[group, 0])
-        return int(self.class_counts[:, 0].sum())
-
-    def _box_results(self, v2: dict, v1: dict) -> dict[str, Any]:
-        from calm_fast.metrics import cam_thresholds
-
-        thresholds = cam_thresholds(self.settings.cam_curve_interval)
-        ious = [str(t) for t in self.settings.iou_thresholds]
-        best = [int(i) for i in v2["best_threshold_index"]]
+    def _box_results(self) -> dict[str, Any]:
+        v2, v1 = self.box_v2.compute(), self.box_v1.compute()
+        thresholds = v2["thresholds"]
+        ious = self.box_v2.iou_thresholds
         result = {
-            "max_box_acc": float(v1["max_box_acc"][0]),
-            "max_box_acc_v2": float(v2["max_box_acc_v2"]),
-            "max_box_acc_per_iou": dict(zip(ious, map(float, v2["max_box_acc"]))),
-            "best_threshold": {iou: float(thresholds[i]) for iou, i in zip(ious, best)},
-            "top1_loc": None, "top1_loc_max": None,
-            "v1": {"best_threshold": float(thresholds[int(v1["best_threshold_index"][0])]),
+            "max_box_acc": v1["max_box_acc"][V1_IOU],
+            "max_box_acc_v2": v2["max_box_acc_v2"],
+            "max_box_acc_per_iou": {str(t): v2["max_box_acc"][t] for t in ious},
+            "best_threshold": {str(t): float(thresholds[v2["best_threshold_index"][t]]) for t in ious},
+            "top1_loc": None, "top1_loc_max": None, "top1_loc_v2": None,
+            "v1": {"best_threshold": float(thresholds[v1["best_threshold_index"][V1_IOU]]),
                    "top1_loc": None, "top1_loc_max": None},
             "thresholds": thresholds,
-            "curves": dict(zip(ious, np.asarray(v2["curves"], np.float64))),
-            "v1_curve": np.asarray(v1["curves"], np.float64)[0],
+            "curves": {str(t): v2["curves"][j] for j, t in enumerate(ious)},
+            "v1_curve": v1["curves"][0],
         }
-        if self.classifies:
-            result["top1_loc"] = dict(zip(ious, map(float, v2["top1_loc"])))
-            result["top1_loc_max"] = dict(zip(ious, map(float, v2["top1_loc_max"])))
-            result["v1"]["top1_loc"] = float(v1["top1_loc"][0])
-            result["v1"]["top1_loc_max"] = float(v1["top1_loc_max"][0])
+        if "top1_loc" in v2:  # the source classifies
+            result["top1_loc"] = {str(t): v2["top1_loc"][t] for t in ious}
+            result["top1_loc_max"] = {str(t): v2["top1_loc_max"][t] for t in ious}
+            result["top1_loc_v2"] = float(np.mean(list(v2["top1_loc"].values())))
+            result["v1"]["top1_loc"] = v1["top1_loc"][V1_IOU]
+            result["v1"]["top1_loc_max"] = v1["top1_loc_max"][V1_IOU]
         return result
 
-    @staticmethod
-    def _mask_results(pixel) -> dict[str, Any] | None:
-        try:
-            computed = pixel.compute()
-        except (RuntimeError, ValueError) as error:  # no positive pixel in the set: PxAP is undefined
-            return {"pxap": None, "error": str(error)}
-        return {"pxap": float(computed["pxap"]), "precision": np.asarray(computed["precision"]),
-                "recall": np.asarray(computed["recall"])}
-
-    def _per_class(self, populated: list[int], split_results: dict, class_names) -> list[dict[str, Any]]:
+    def _per_class(self, box: dict | None) -> list[dict[str, Any]]:
         """One row per class with images. Box accuracies are read at the thresholds that are best for
-        the whole split (a per-class maximum would pick a threshold per class and flatter every class)."""
+        the whole split (a per-class maximum would choose a threshold per class and flatter each one)."""
+        ious = self.settings.iou_thresholds
+        best = None if box is None else [self.box_v2.compute()["best_threshold_index"][t] for t in ious]
         rows = []
-        box = split_results["box"]
-        best = None
-        if box is not None:
-            best = [int(np.argmax(box["curves"][str(t)])) for t in self.settings.iou_thresholds]
-        for group in populated:
-            images, correct = self.class_counts[group]
-            row: dict[str, Any] = {"class": group}
-            if class_names is not None:
-                row["name"] = class_names[group]
-            row["num_images"] = int(images)
-            row["cls_top1_acc"] = 100.0 * correct / images if self.classifies else None
-            if box is not None:
-                computed = self.box_v2[group].compute()
-                curves = np.asarray(computed["curves"], np.float64)
-                at_best = [float(curves[d, k]) for d, k in enumerate(best)]
+        for label in np.flatnonzero(self.class_counts[:, 0]):
+            images, correct = (int(v) for v in self.class_counts[label])
+            row: dict[str, Any] = {"class": int(label), "num_images": images,
+                                   "cls_top1_acc": 100.0 * correct / images if self.classifies else None}
+            if best is not None:
+                at_best = [100.0 * self.class_box_correct[label, j, k] / images for j, k in enumerate(best)]
+                row.update({f"box_acc_{t}": value for t, value in zip(ious, at_best)})
                 row["box_acc_v2"] = float(np.mean(at_best))
-                for t, value in zip(self.settings.iou_thresholds, at_best):
-                    row[f"box_acc_{t}"] = value
-                row["top1_loc"] = None
-                if self.classifies and "top1_curves" in computed:
-                    top1 = np.asarray(computed["top1_curves"], np.float64)
-                    row["top1_loc"] = float(np.mean([top1[d, k] for d, k in enumerate(best)]))
-            if self.has_masks:
-                mask = self._mask_results(self.pixel[group])
-                row["pxap"] = None if mask is None else mask["pxap"]
+                row["top1_loc_v2"] = None
+                if self.classifies:
+                    row["top1_loc_v2"] = float(np.mean([100.0 * self.class_top1_correct[label, j, k] / images
+                                                        for j, k in enumerate(best)]))
+            if self.class_pixel is not None:
+                mask = _pxap(self.class_pixel[label])
+                row["pxap"] = mask["pxap"]
             rows.append(row)
         return rows
 
 
-def _merged(accumulators: list):
-    """A fresh accumulator holding the sum of `accumulators` (which are left unchanged)."""
-    import copy
-
-    total = copy.deepcopy(accumulators[0])
-    for other in accumulators[1:]:
-        total.merge(other)
-    return total
+def _pxap(pixel) -> dict[str, Any]:
+    """PixelAP's results; a set without a positive pixel has no PxAP (the reference raises): None."""
+    try:
+        computed = pixel.compute()
+    except RuntimeError as error:
+        return {"pxap": None, "error": str(error)}
+    return {"pxap": computed["pxap"], "precision": computed["precision"], "recall": computed["recall"]}
 
 
 # ----------------------------------------------------------------------------------- distributed sum
@@ -460,7 +449,6 @@ def evaluate_maps(map_fn: MapFn, split, loader, settings: EvalSettings = EvalSet
     seen = np.zeros(len(split), np.int64)
     overlays: dict[int, tuple[dict[str, np.ndarray], int | None]] = {}
     saved: dict[str, list] = {}
-    class_names = None
     iterator = _with_progress(loader, progress, "eval")
     for images, labels, indices in iterator:
         labels_np = _as_numpy(labels).astype(np.int64)
@@ -476,7 +464,7 @@ def evaluate_maps(map_fn: MapFn, split, loader, settings: EvalSettings = EvalSet
             raw = _as_numpy(raw)
             metrics[name].update(normalize_scoremaps(raw), labels_np, pred, boxes, masks)
             if settings.save_maps:
-                saved.setdefault(name, []).append(raw.astype(np.float32))
+                saved.setdefault(f"map_{name}", []).append(raw.astype(np.float32))
         for row, index in enumerate(indices_np):
             if index < settings.overlay_count:
                 overlays[int(index)] = ({name: _as_numpy(raw[row]).astype(np.float32)
@@ -504,7 +492,7 @@ def evaluate_maps(map_fn: MapFn, split, loader, settings: EvalSettings = EvalSet
     results, state = {}, {}
     for name, total in zip(names, summed):
         metrics[name].load_state(total)
-        results[name] = metrics[name].results(class_names)
+        results[name] = metrics[name].results()
         state[name] = total
     merged_overlays = {}
     for part in _gather_to_all(overlays):
@@ -556,19 +544,50 @@ def _with_progress(iterable, enabled: bool, label: str):
 # ----------------------------------------------------------------------------------- models and data
 
 
-def build_eval_loader(cfg: Config, split, rank: int = 0, world_size: int = 1):
-    """The evaluation loader of `split` for this rank: resize straight to input_size², ImageNet mean/std,
-    samples r, r+W, ... on rank r; yields (images, labels, indices)."""
+def build_eval_loader(cfg: Config, split, rank: int = 0, world_size: int = 1,
+                      device: torch.device | str = "cpu"):
+    """The evaluation loader of `split` for this rank: images resized straight to input_size², ImageNet
+    mean/std; rank r takes samples r, r+W, ... (each exactly once, no padding); yields (images, labels,
+    indices) with cfg.eval.batch_size images per batch.
+
+    data.loader picks FFCV or the plain PyTorch loader: "auto" takes FFCV when the split's .beton
+    (`calm-fast convert`) exists and matches the metadata, "ffcv" insists, "torch" never uses it.
+    """
+    from calm_fast.data import ffcv
     from calm_fast.data.torch_loader import build_torch_loader
 
     data = cfg.data
-    if data.loader == "ffcv":
-        raise ConfigError('data.loader = "ffcv": calm-fast eval reads images through the plain PyTorch '
-                          'loader; use "torch" or "auto"')
+    beton = ffcv.beton_path_for(data.beton_dir or Path(data.root) / "ffcv", split.dataset, split.split)
+    matches = beton.is_file() and _beton_matches(split, beton)
+    if data.loader == "ffcv" and beton.is_file() and not matches:
+        raise FileNotFoundError(f"{beton} does not match {split.metadata_dir} (converted from other metadata "
+                                "or options): run `calm-fast convert` again")
+    if data.loader == "torch" or (data.loader == "auto" and not matches):
+        kind = "torch"
+    else:
+        kind = ffcv.resolve_loader_kind(data.loader, [beton])
+    if kind == "ffcv":
+        return ffcv.build_ffcv_loader(beton, train=False, input_size=data.input_size,
+                                      batch_size=cfg.eval.batch_size, num_workers=max(1, data.workers),
+                                      rank=rank, world_size=world_size, seed=cfg.train.seed, device=device)
     return build_torch_loader(split, train=False, input_size=data.input_size, resize_size=data.resize_size,
                               batch_size=cfg.eval.batch_size, num_workers=data.workers, rank=rank,
                               world_size=world_size, seed=cfg.train.seed, drop_last=False,
-                              pin_memory=torch.cuda.is_available())
+                              pin_memory=torch.device(device).type == "cuda")
+
+
+def _beton_matches(split, beton: Path) -> bool:
+    """The .beton's sidecar says it was converted from this split's current metadata."""
+    from calm_fast.data import ffcv
+
+    info = ffcv.read_beton_info(beton)
+    if info is None or not isinstance(info.get("options"), dict):
+        return False
+    try:
+        options = ffcv.ConvertOptions(**info["options"])
+    except TypeError:  # written by another version
+        return False
+    return ffcv.is_up_to_date(split, beton, options)
 
 
 def read_eval_split(cfg: Config, split_name: str):
@@ -600,7 +619,7 @@ def evaluate_model(model: torch.nn.Module, split, cfg: Config, world=None, dtype
     settings = settings or EvalSettings.from_config(cfg)
     if loader is None:
         rank, size = (world.rank, world.world_size) if world is not None else (0, 1)
-        loader = build_eval_loader(cfg, split, rank, size)
+        loader = build_eval_loader(cfg, split, rank, size, device)
     source = ModelMaps(model, cfg.model.method, map_kinds, cfg.model.prior, device, dtype)
     was_training = model.training
     model.eval()
@@ -848,8 +867,8 @@ def _with_overrides(cfg: Config, overrides: list[str]) -> Config:
 def main(args: argparse.Namespace) -> int:
     try:
         cfg, checkpoint = resolve_config(args)
-        splits = args.split or [cfg.eval.split]
         kinds = _map_kinds(args, cfg)
+        splits = args.split or [cfg.eval.split]
         if args.overlays < 0:
             raise ConfigError(f"--overlays must be >= 0, got {args.overlays}")
     except (ConfigError, ValueError, FileNotFoundError) as error:
@@ -878,6 +897,9 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _map_kinds(args: argparse.Namespace, cfg: Config) -> tuple[str, ...]:
+    for value in (args.map_kind or []) + (args.split or []):
+        if "=" in value:
+            raise ConfigError(f"{value!r} looks like a config override: put overrides before --map-kind/--split")
     if args.baseline:
         return tuple(args.baseline)
     if not args.map_kind:
@@ -914,7 +936,7 @@ def _run(args, cfg: Config, checkpoint: Path | None, splits: list[str], kinds: t
             if model is None:
                 model = build_model_from(cfg, split.num_classes, state_dict).to(world.device).eval()
             source = ModelMaps(model, cfg.model.method, kinds, cfg.model.prior, world.device)
-        loader = build_eval_loader(cfg, split, world.rank, world.world_size)
+        loader = build_eval_loader(cfg, split, world.rank, world.world_size, world.device)
         evaluation = evaluate_maps(source, split, loader, settings, device=_reduce_device(world.device),
                                    progress=world.is_main and console.is_terminal)
         default_out = Path(cfg.run_dir) / ("eval-baselines" if args.baseline else "eval") / split_name

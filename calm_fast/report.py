@@ -114,7 +114,12 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 
 
 def results_table(results: dict, title: str | None = None):
-    """A rich Table with one row per map kind of one evaluated split (the `results.json` structure)."""
+    """A rich Table with one row per map of one evaluated split (the `results.json` structure).
+
+    Columns: classification accuracy; MaxBoxAcc (v1) with its top-1 localization; MaxBoxAccV2, its value
+    per IoU threshold and its top-1 localization (mean over IoU thresholds); PxAP. Columns that apply to
+    no map are left out; a number that does not apply to one map is a dash.
+    """
     from rich.table import Table
 
     maps: dict = results["maps"]
@@ -127,23 +132,22 @@ def results_table(results: dict, title: str | None = None):
     table.add_column("top-1 cls", justify="right")
     if any_box:
         table.add_column("MaxBoxAcc", justify="right")
+        table.add_column("top-1 loc", justify="right")
         table.add_column("MaxBoxAccV2", justify="right", style="bold green")
         for key in iou_keys:
             table.add_column(f"δ={key}", justify="right")
-        table.add_column("top-1 loc", justify="right")
+        table.add_column("top-1 loc V2", justify="right")
     if any_mask:
         table.add_column("PxAP", justify="right", style="bold green")
     for kind, metrics in maps.items():
         row = [kind, _fmt(metrics.get("cls_top1_acc"))]
         box = metrics.get("box")
-        if any_box:
-            if box:
-                row += [_fmt(box["max_box_acc"]), _fmt(box["max_box_acc_v2"])]
-                row += [_fmt(box["max_box_acc_per_iou"].get(key)) for key in iou_keys]
-                top1 = box.get("top1_loc") or {}
-                row.append(_fmt(top1.get("50", next(iter(top1.values()), None)) if top1 else None))
-            else:
-                row += ["–"] * (3 + len(iou_keys))
+        if any_box and box:
+            row += [_fmt(box["max_box_acc"]), _fmt(box["v1"]["top1_loc"]), _fmt(box["max_box_acc_v2"])]
+            row += [_fmt(box["max_box_acc_per_iou"].get(key)) for key in iou_keys]
+            row.append(_fmt(box["top1_loc_v2"]))
+        elif any_box:
+            row += ["–"] * (4 + len(iou_keys))
         if any_mask:
             row.append(_fmt((metrics.get("mask") or {}).get("pxap")))
         table.add_row(*row)
@@ -171,7 +175,7 @@ def per_class_table(rows: Sequence[dict], title: str = "per class", limit: int =
     table.add_column("top-1 cls", justify="right")
     if has_box:
         table.add_column("BoxAccV2*", justify="right")
-        table.add_column("top-1 loc*", justify="right")
+        table.add_column("top-1 loc V2*", justify="right")
     if has_mask:
         table.add_column("PxAP", justify="right")
     for row in shown:
@@ -180,7 +184,7 @@ def per_class_table(rows: Sequence[dict], title: str = "per class", limit: int =
             continue
         cells = [str(row["class"]), str(row["num_images"]), _fmt(row.get("cls_top1_acc"))]
         if has_box:
-            cells += [_fmt(row.get("box_acc_v2")), _fmt(row.get("top1_loc"))]
+            cells += [_fmt(row.get("box_acc_v2")), _fmt(row.get("top1_loc_v2"))]
         if has_mask:
             cells.append(_fmt(row.get("pxap")))
         table.add_row(*cells)

@@ -10,6 +10,15 @@ step decay per epoch) or cosine with warm-up. `data.batch_size` is the global ba
 consumes the same samples whatever the number of ranks and accumulation steps, so runs with the same
 global batch follow the same trajectory. Everything goes under `run_dir`: config.toml, metrics.jsonl (one
 JSON record per line), tensorboard/, checkpoints/, model.pt, summary.json.
+
+Launchers: `torchrun --nproc_per_node N -m calm_fast.cli train ...` or `deepspeed --no_local_rank --module
+calm_fast.cli train ...`; launch/ has multi-node (ssh and no-ssh) and SLURM scripts. A rank that dies makes
+the job fail: collectives with the dead rank raise, and a rank that waits longer than
+dist.watchdog_minutes for a step stops with a message (DeepSpeed's own process groups do not inherit
+dist.timeout_minutes). `--resume` restores weights, optimizer, LR-scheduler step, data position and RNG
+states; the LR schedule's shape comes from the current config. On CPU each rank uses (cores / ranks per
+node) threads unless OMP_NUM_THREADS is set; on a machine shared with other jobs OMP_NUM_THREADS=1 is
+often much faster.
 """
 
 from __future__ import annotations
@@ -281,11 +290,18 @@ def truncate_metrics(path: Path, last_step: int) -> None:
 
 
 def validate(engine, val_loader, val_split, cfg: Config, world: World, dtype: torch.dtype) -> dict[str, Any]:
-    """Top-1 classification accuracy on the val split (every rank a shard; counts summed), plus the WSOL
-    localization metrics of calm_fast.evaluate when train.val_localization is set."""
+    """Validation on the val split, every rank a shard. With train.val_localization: the metrics of
+    `calm-fast eval` (calm_fast.evaluate.evaluate_model: classification and MaxBoxAccV2 / PxAP);
+    otherwise only top-1 classification accuracy, counted here. Collective."""
+    model = engine.module
+    if cfg.train.val_localization:
+        evaluate_model = _evaluate_model_or_none(world)
+        if evaluate_model is not None:
+            metrics = evaluate_model(model, val_split, cfg, world=world, dtype=dtype)
+            return {key: value for key, value in metrics.items() if isinstance(value, (int, float, str))}
     from calm_fast.head import class_log_probs
 
-    model = engine.module
+    was_training = model.training
     model.eval()
     counts = torch.zeros(2, dtype=torch.int64)
     with torch.no_grad():
@@ -295,28 +311,23 @@ def validate(engine, val_loader, val_split, cfg: Config, world: World, dtype: to
             counts[0] += int((predicted.cpu() == labels).sum())
             counts[1] += len(labels)
     all_reduce_sum(counts)
-    result: dict[str, Any] = {"top1": 100.0 * counts[0].item() / max(1, counts[1].item()),
-                              "images": counts[1].item()}
-    if cfg.train.val_localization:
-        result.update(_localization_metrics(model, val_split, cfg, world, dtype))
-    model.train()
-    return result
+    model.train(was_training)
+    return {"cls_top1_acc": 100.0 * counts[0].item() / max(1, counts[1].item()), "num_images": counts[1].item()}
 
 
 _warned = {"localization": False}
 
 
-def _localization_metrics(model, val_split, cfg: Config, world: World, dtype: torch.dtype) -> dict[str, Any]:
-    """MaxBoxAccV2 / PxAP through the same code as `calm-fast eval`."""
+def _evaluate_model_or_none(world: World):
+    """calm_fast.evaluate.evaluate_model, or None (said once) while that module is not installed."""
     try:
         from calm_fast.evaluate import evaluate_model
     except ImportError as error:
         if world.is_main and not _warned["localization"]:
-            print(f"[calm-fast] skipping localization metrics during training: {error}", file=sys.stderr)
+            print(f"[calm-fast] localization metrics skipped during training: {error}", file=sys.stderr)
             _warned["localization"] = True
-        return {}
-    metrics = evaluate_model(model, val_split, cfg, world=world, dtype=dtype)
-    return {key: value for key, value in metrics.items() if isinstance(value, (int, float))}
+        return None
+    return evaluate_model
 
 
 # ------------------------------------------------------------------------------------------- the loop
@@ -356,24 +367,13 @@ def _seed_everything(seed: int) -> None:
 
 
 def _train(cfg: Config, world: World, watchdog: Watchdog, resume: bool) -> dict[str, Any]:
-    import deepspeed
-
     from calm_fast.head import calm_loss, method_objective
-    from calm_fast.models import build_model
 
     _quiet_deepspeed()
     if world.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world.local_world_size))
     run_dir = Path(cfg.run_dir)
-    existing = ckpt.latest_checkpoint(run_dir)
-    if existing is not None and not resume:
-        raise FileExistsError(f"{run_dir} already holds checkpoints ({existing.name}); pass --resume to "
-                              "continue that run, or choose another run_dir")
-    if resume and existing is None:
-        raise FileNotFoundError(f"--resume: no checkpoint under {ckpt.checkpoint_root(run_dir)}")
-    barrier()  # every rank has looked before rank 0 writes anything
-    if world.is_main:
-        save_config(cfg, run_dir / "config.toml")
+    existing = _check_run_dir(cfg, world, resume)
 
     _seed_everything(cfg.train.seed)  # identical model initialisation on every rank
     train_split, val_split = read_splits(cfg)
@@ -382,46 +382,23 @@ def _train(cfg: Config, world: World, watchdog: Watchdog, resume: bool) -> dict[
     total_steps = cfg.train.epochs * steps_per_epoch
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
-
     dtype = DTYPES[cfg.train.precision]
-    model = build_model(cfg.model.backbone, train_split.num_classes, cfg.model.method,
-                        large_feature_map=cfg.model.large_feature_map, pretrained=cfg.model.pretrained,
-                        batch_norm=cfg.model.batch_norm)
-    if cfg.model.sync_batchnorm and world.world_size > 1:
-        if world.device.type != "cuda":
-            raise ConfigError("model.sync_batchnorm needs CUDA ranks (PyTorch's SyncBatchNorm has no CPU path)")
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    # DeepSpeed casts parameters to bf16/fp16 but not buffers; BatchNorm needs both in one dtype.
-    model.to(world.device, dtype=dtype)
-    optimizer = build_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, cfg, steps_per_epoch, total_steps))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(cfg, world.world_size),
-                                           dist_init_required=False)
+    engine = _build_engine(cfg, world, train_split.num_classes, steps_per_epoch, total_steps)
     _seed_everything(cfg.train.seed + world.rank)
 
     geometry = {"global_batch": cfg.data.batch_size, "steps_per_epoch": steps_per_epoch,
                 "world_size": world.world_size}
-    step = 0
-    if resume:
-        client_state, trainer_state = ckpt.load_checkpoint(engine, existing, world)
-        saved = {key: client_state.get(key) for key in geometry}
-        if saved != geometry:
-            raise ValueError(f"{existing}: written with {saved}, this run has {geometry}; resume with the "
-                             "same data.batch_size, training split and number of ranks")
-        ckpt.restore_rng(trainer_state["rng"])
-        step = int(client_state["step"])
-        if world.is_main:
+    step = _restore(engine, existing, world, geometry) if resume else 0
+    if world.is_main:
+        if resume:
             truncate_metrics(run_dir / "metrics.jsonl", step)
-            print(f"[calm-fast] resumed from {existing} (step {step})", file=sys.stderr)
-    elif world.is_main:
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        else:
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
 
     objective = method_objective(cfg.model.method)
     log = RunLog(cfg, world, total_steps, step)
     deadline = None if cfg.train.max_minutes is None else time.monotonic() + cfg.train.max_minutes * 60
-    checkpoint_path: Path | None = existing if resume else None
+    checkpoint_path: Path | None = existing
     last_val: dict[str, Any] | None = None
     stop_reason = "finished" if step >= total_steps else None
     window = _Window(time.perf_counter())
@@ -430,6 +407,7 @@ def _train(cfg: Config, world: World, watchdog: Watchdog, resume: bool) -> dict[
     try:
         while stop_reason is None:
             epoch, first_step = divmod(step, steps_per_epoch)
+            step_at_start = step
             micro_step = 0
             step_loss = torch.zeros((), dtype=torch.float64)
             for images, labels, _ in train_batches.micro_batches(epoch, first_step):
@@ -475,6 +453,9 @@ def _train(cfg: Config, world: World, watchdog: Watchdog, resume: bool) -> dict[
                 window.paused += time.perf_counter() - paused_from
                 if stop_reason or epoch_end:
                     break
+            if step == step_at_start:
+                raise RuntimeError(f"the training loader yielded no complete optimizer step in epoch {epoch} "
+                                   f"(from step {first_step} of {steps_per_epoch})")
     finally:
         log.close()
 
@@ -494,6 +475,62 @@ def _train(cfg: Config, world: World, watchdog: Watchdog, resume: bool) -> dict[
     if world.is_main:
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _check_run_dir(cfg: Config, world: World, resume: bool) -> Path | None:
+    """The checkpoint to resume from (None for a fresh run); refuses to overwrite a run by accident.
+    Writes the run's config.toml."""
+    run_dir = Path(cfg.run_dir)
+    existing = ckpt.latest_checkpoint(run_dir)
+    if existing is not None and not resume:
+        raise FileExistsError(f"{run_dir} already holds checkpoints ({existing.name}); pass --resume to "
+                              "continue that run, or choose another run_dir")
+    if resume and existing is None:
+        raise FileNotFoundError(f"--resume: no checkpoint under {ckpt.checkpoint_root(run_dir)}")
+    barrier()  # every rank has looked before rank 0 writes anything
+    if world.is_main:
+        save_config(cfg, run_dir / "config.toml")
+    return existing
+
+
+def _build_engine(cfg: Config, world: World, num_classes: int, steps_per_epoch: int, total_steps: int):
+    """Model, SGD with the two LR groups, LR schedule, all wrapped in a DeepSpeed engine."""
+    import deepspeed
+
+    from calm_fast.models import build_model
+
+    model = build_model(cfg.model.backbone, num_classes, cfg.model.method,
+                        large_feature_map=cfg.model.large_feature_map, pretrained=cfg.model.pretrained,
+                        batch_norm=cfg.model.batch_norm)
+    if cfg.model.sync_batchnorm and world.world_size > 1:
+        if world.device.type != "cuda":
+            raise ConfigError("model.sync_batchnorm needs CUDA ranks (PyTorch's SyncBatchNorm has no CPU path)")
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    # DeepSpeed casts parameters to bf16/fp16 but not buffers; BatchNorm needs both in one dtype.
+    model.to(world.device, dtype=DTYPES[cfg.train.precision])
+    optimizer = build_optimizer(model, cfg)
+    # A plain function (not a callable object), so the schedule always comes from the current config
+    # while the scheduler's step count comes from the checkpoint.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, cfg, steps_per_epoch, total_steps))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(cfg, world.world_size),
+                                           dist_init_required=False)
+    return engine
+
+
+def _restore(engine, folder: Path, world: World, geometry: dict[str, int]) -> int:
+    """Load a checkpoint into the engine and this rank's RNGs; return the optimizer steps done."""
+    client_state, trainer_state = ckpt.load_checkpoint(engine, folder, world)
+    saved = {key: client_state.get(key) for key in geometry}
+    if saved != geometry:
+        raise ValueError(f"{folder}: written with {saved}, this run has {geometry}; resume with the same "
+                         "data.batch_size, training split and number of ranks")
+    ckpt.restore_rng(trainer_state["rng"])
+    step = int(client_state["step"])
+    if world.is_main:
+        print(f"[calm-fast] resumed from {folder} (step {step})", file=sys.stderr)
+    return step
 
 
 def _learning_rates(engine) -> dict[str, float]:

@@ -8,6 +8,7 @@ every run at a few seconds of training; DeepSpeed start-up dominates. Runs use o
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -19,11 +20,13 @@ import pytest
 import torch
 
 from calm_fast.checkpoint import load_exported
+from calm_fast.config import load_config
 from calm_fast.distributed import free_port
 
 pytestmark = pytest.mark.slow
 
 STEPS = 12  # three epochs
+REPO = Path(__file__).resolve().parents[1]
 RUN_TIMEOUT_S = 300
 
 
@@ -83,8 +86,8 @@ def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> fl
 def one_rank_fp32(data_root, tmp_path_factory) -> Path:
     """The reference: one process, ZeRO-1, fp32, two accumulation steps of 8 images."""
     run_dir = tmp_path_factory.mktemp("runs") / "one_fp32"
-    run(TRAIN + overrides(data_root, run_dir, "train.grad_accum=2", "train.zero_stage=1", "train.precision=fp32"),
-        cwd=run_dir.parent)
+    run(TRAIN + overrides(data_root, run_dir, "train.grad_accum=2", "train.zero_stage=1", "train.precision=fp32",
+                          "train.tensorboard=true"), cwd=run_dir.parent)
     return run_dir
 
 
@@ -93,13 +96,15 @@ def test_one_rank_run_writes_everything(one_rank_fp32, data_root):
     assert sorted(losses(run_dir)) == list(range(1, STEPS + 1))
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in records if r["kind"] == "val"]
-    assert [r["step"] for r in val] == [4, 8, 12] and all(r["images"] == 16 for r in val)
+    assert [r["step"] for r in val] == [4, 8, 12] and all(r["num_images"] == 16 for r in val)
     # Checkpoints every 2 steps, the last 2 kept; each one complete.
     kept = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert kept == ["step_00000010", "step_00000012"]
     assert (run_dir / "checkpoints" / "step_00000012" / "trainer_rank00000.pt").is_file()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == STEPS and summary["stopped"] == "finished"
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert load_config(run_dir / "config.toml").train.max_steps == STEPS
     # The exported state dict loads strictly into a fresh model.
     from calm_fast.models import build_model
 
@@ -136,7 +141,9 @@ def test_two_ranks_under_torchrun_match_one_rank(one_rank_fp32, data_root, tmp_p
 def test_two_node_deepspeed_launch_bf16_zero2_matches_one_rank(data_root, tmp_path):
     """Two `deepspeed --no_ssh` launchers (node ranks 0 and 1) on the loopback address, ZeRO-2, bf16."""
     one_dir, two_dir = tmp_path / "one_bf16", tmp_path / "two_node_bf16"
-    common = ("train.zero_stage=2", "train.precision=bf16")
+    # Through the shipped ZeRO-2 bf16 settings, so the DeepSpeed JSON path runs too.
+    common = ("train.zero_stage=2", "train.precision=bf16",
+              f"train.deepspeed_json={REPO / 'configs' / 'deepspeed' / 'zero2_bf16.json'}")
     run(TRAIN + overrides(data_root, one_dir, "train.grad_accum=2", *common), cwd=tmp_path)
 
     hostfile = tmp_path / "hostfile"
@@ -159,10 +166,11 @@ def test_two_node_deepspeed_launch_bf16_zero2_matches_one_rank(data_root, tmp_pa
     assert len(list((last / "ds").glob("*optim_states.pt"))) == 2  # ZeRO-2: one optimizer shard per rank
     reference, got = losses(one_dir), losses(two_dir)
     assert got.keys() == reference.keys()
-    # bf16 forward/backward: the two runs reduce gradients in different orders, so they agree to bf16
-    # precision rather than exactly.
-    assert [got[s] for s in got] == pytest.approx([reference[s] for s in got], rel=2e-2)
-    assert max_difference(parameters(two_dir), parameters(one_dir)) < 2e-2
+    # Same micro-batches; only bf16 rounding differs (the cross-node path reduces bf16 gradients through
+    # gloo; measured: losses within 0.5 %, weights within 0.01, where fp32 on this path agrees to 2e-7).
+    # Training moved the weights by about 0.4, so a wrong gradient average or LR would show up far above.
+    assert [got[s] for s in got] == pytest.approx([reference[s] for s in got], rel=1e-2)
+    assert max_difference(parameters(two_dir), parameters(one_dir)) < 3e-2
 
 
 def test_kill_and_resume_continues_exactly(one_rank_fp32, data_root, tmp_path):
@@ -220,3 +228,25 @@ def test_a_dead_rank_fails_the_job_quickly(data_root, tmp_path):
     assert survivor.returncode != 0
     assert time.monotonic() - killed < 90  # the watchdog (1 min) is the slowest path allowed
     assert "rank 0" in stderr and ("another rank probably died" in stderr or "no progress" in stderr), stderr[-3000:]
+
+
+def test_time_budget_stops_cleanly_with_a_checkpoint(data_root, tmp_path):
+    run_dir = tmp_path / "budget"
+    run(TRAIN + overrides(data_root, run_dir, "train.max_steps=100000", "train.max_minutes=0.1",
+                          "train.checkpoint_every=0", "train.val_every=0"), cwd=tmp_path)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["stopped"].startswith("time budget") and 0 < summary["steps"] < 100000
+    assert (run_dir / "checkpoints" / f"step_{summary['steps']:08d}").is_dir()
+    assert load_exported(run_dir / "model.pt")[2] == summary["steps"]
+
+
+def test_training_fits_a_small_training_set(data_root, tmp_path):
+    """The loop really optimises: CALM-ML memorises 64 images (no crop, flips only); its loss
+    -log p(y|x) starts near chance, log 4, and a broken step (gradients lost, LR unset) would stay there."""
+    run_dir = tmp_path / "fit"
+    run(TRAIN + overrides(data_root, run_dir, "model.method=calm-ml", "data.resize_size=32", "train.max_steps=48",
+                          "optim.schedule=step", "optim.warmup_steps=0", "optim.head_lr_multiplier=1",
+                          "train.checkpoint_every=0", "train.val_every=0", "train.export=false"), cwd=tmp_path)
+    loss = losses(run_dir)
+    assert loss[1] > 0.8 * math.log(4)
+    assert sum(loss[s] for s in (46, 47, 48)) / 3 < 0.25 * math.log(4)

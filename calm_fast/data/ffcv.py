@@ -573,7 +573,14 @@ class FFCVLoader:
         return len(self._loader)
 
     def __iter__(self):
-        return iter(self._loader)
+        epoch_iterator = iter(self._loader)
+        while True:
+            _wait_for_batch(epoch_iterator)
+            try:
+                batch = next(epoch_iterator)
+            except StopIteration:
+                return
+            yield batch
 
     @property
     def epoch(self) -> int:
@@ -586,6 +593,20 @@ class FFCVLoader:
             raise ValueError(f"set_epoch: epoch and skip_batches must be >= 0, got {epoch}, {skip_batches}")
         self._loader.next_epoch = int(epoch)
         self._order.skip_batches = {int(epoch): int(skip_batches)} if skip_batches else {}
+
+
+def _wait_for_batch(epoch_iterator) -> None:
+    """Block until FFCV's loading thread has queued the next batch; raise if that thread died.
+
+    FFCV's iterator waits on its queue without a timeout, so an exception in the loading thread (it
+    prints its traceback) would otherwise hang the consumer forever.
+    """
+    queue = epoch_iterator.output_queue
+    with queue.not_empty:
+        while not queue._qsize():  # the size without re-taking the lock we hold
+            if not epoch_iterator.is_alive():
+                raise RuntimeError("FFCV's loading thread stopped with an error (its traceback is printed above)")
+            queue.not_empty.wait(timeout=1.0)
 
 
 def build_ffcv_loader(

@@ -82,9 +82,9 @@ LEG_COLOUR = "dark"
 # its rim so that the object is one connected blob.
 BODY = (0.50, 0.56, 0.32, 0.24)
 PART_FRAMES = {
-    "head": (0.85, 0.32, 0.15, 0.15),
-    "tail": (0.13, 0.46, 0.13, 0.13),
-    "crest": (0.47, 0.20, 0.13, 0.13),
+    "head": (0.83, 0.30, 0.17, 0.17),
+    "tail": (0.15, 0.46, 0.15, 0.15),
+    "crest": (0.47, 0.17, 0.15, 0.15),
 }
 LEG_U = (0.38, 0.62)
 LEG_V = (0.70, 1.00)
@@ -98,7 +98,7 @@ class SynthOptions:
     num_classes: int = 8
     image_size: int = 128
     size_jitter: float = 0.2  # each image side is drawn from image_size * [1 - j, 1 + j]
-    object_scale: tuple[float, float] = (0.25, 0.55)  # object box side / image side
+    object_scale: tuple[float, float] = (0.25, 0.55)  # object side / image side (geometric mean of w and h)
     aspect_range: tuple[float, float] = (2 / 3, 3 / 2)  # object box width / height, log-uniform
     distractors: int = 4  # up to this many distractors per image (uniform 1..n; 0 disables)
     partial_fraction: float = 0.3  # share of distractors that are a body with one part, not a loose part
@@ -195,49 +195,69 @@ def _shape_mask(shape: str, cx: float, cy: float, rx: float, ry: float, height: 
     return mask.astype(bool)
 
 
-def _two_colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    a, b = rng.choice(len(COLOUR_NAMES), size=2, replace=False)
-    return np.array(PALETTE[COLOUR_NAMES[a]], np.float32), np.array(PALETTE[COLOUR_NAMES[b]], np.float32)
+def _two_colours(rng: np.random.Generator, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    a, b = rng.choice(len(names), size=2, replace=False)
+    return np.array(PALETTE[names[a]], np.float32), np.array(PALETTE[names[b]], np.float32)
 
 
-def _texture(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """A random texture (float32 [H, W, 3]) from the pool shared by backgrounds, bodies and distractors."""
+def _smooth_colours(classes: list[tuple[int, ...]]) -> list[str]:
+    """Colours that no class's part uses: the only ones allowed to fill large smooth regions."""
+    used = {VARIANTS[slot][combo[s]][1] for combo in classes for s, slot in enumerate(CLASS_SLOTS)}
+    return [name for name in COLOUR_NAMES if name not in used]
+
+
+def _texture(rng: np.random.Generator, height: int, width: int, smooth_colours: list[str]) -> np.ndarray:
+    """A random texture (float32 [H, W, 3]) from the pool shared by backgrounds, bodies and distractors.
+
+    Busy textures (stripes, checker, dots) take any palette colours; smooth ones (blobs, gradients,
+    plain) only ``smooth_colours``, so that a smooth patch in a class colour is always a part or a
+    distractor, as in real data where a bird's red crown is not the size of the sky.
+    """
     kind = rng.integers(6)
-    c1, c2 = _two_colours(rng)
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    c1, c2 = _two_colours(rng, COLOUR_NAMES if kind < 3 else smooth_colours)
+    yy = np.arange(height, dtype=np.float32)[:, None]
+    xx = np.arange(width, dtype=np.float32)[None, :]
     angle = rng.uniform(0, np.pi)
-    u = xx * np.cos(angle) + yy * np.sin(angle)
-    v = -xx * np.sin(angle) + yy * np.cos(angle)
+    cos, sin = np.float32(np.cos(angle)), np.float32(np.sin(angle))
+    u = xx * cos + yy * sin  # coordinates along and across the texture's direction
+    v = yy * cos - xx * sin
     if kind == 0:  # stripes
         period = rng.uniform(4, 12)
-        weight = ((u / period) % 1.0 < rng.uniform(0.3, 0.7)).astype(np.float32)
+        weight = (u / period) % 1.0 < rng.uniform(0.3, 0.7)
     elif kind == 1:  # checker
         cell = rng.uniform(3, 9)
-        weight = ((np.floor(u / cell) + np.floor(v / cell)) % 2).astype(np.float32)
-    elif kind == 2:  # dots on a jittered grid
+        weight = (np.floor(u / cell) + np.floor(v / cell)) % 2 > 0
+    elif kind == 2:  # dots on a grid
         spacing = rng.uniform(5, 10)
         radius = rng.uniform(0.2, 0.35) * spacing
         du = (u % spacing) - spacing / 2
         dv = (v % spacing) - spacing / 2
-        weight = (du * du + dv * dv < radius * radius).astype(np.float32)
+        weight = du * du + dv * dv < radius * radius
     elif kind == 3:  # blobs: smooth noise thresholded
         cells = int(rng.integers(3, 8))
         coarse = rng.standard_normal((cells, cells)).astype(np.float32)
         smooth = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC)
-        weight = (smooth > np.median(smooth)).astype(np.float32)
+        weight = smooth > np.median(smooth)
     elif kind == 4:  # linear gradient
         weight = (u - u.min()) / max(float(u.max() - u.min()), 1.0)
     else:  # plain
-        weight = np.zeros((height, width), np.float32)
-    return c1 + weight[..., None] * (c2 - c1)
+        return np.broadcast_to(c1, (height, width, 3))
+    return c1 + weight.astype(np.float32)[..., None] * (c2 - c1)
 
 
-def _paint(canvas: np.ndarray, mask: np.ndarray, rng: np.random.Generator, colour: str | None = None) -> None:
-    """Fill ``mask`` of the canvas with a named colour, or with a random texture when colour is None."""
-    if colour is not None:
+def _paint(canvas: np.ndarray, mask: np.ndarray, rng: np.random.Generator, colour: str | list[str]) -> None:
+    """Fill ``mask`` of the canvas with a named colour, or with a random texture when ``colour`` is the
+    list of smooth colours (see :func:`_texture`)."""
+    if isinstance(colour, str):
         canvas[mask] = PALETTE[colour]
-    else:
-        canvas[mask] = _texture(rng, *canvas.shape[:2])[mask]
+        return
+    extent = _extent(mask)
+    if extent is None:
+        return
+    x0, y0, x1, y1 = extent
+    inside = mask[y0 : y1 + 1, x0 : x1 + 1]
+    texture = _texture(rng, y1 - y0 + 1, x1 - x0 + 1, colour)  # only over the region's bounding box: cheaper
+    canvas[y0 : y1 + 1, x0 : x1 + 1][inside] = texture[inside]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -310,16 +330,17 @@ def render_scene(options: SynthOptions, classes: list[tuple[int, ...]], label: i
     canvas = np.empty((height, width, 3), np.float32)
 
     # Background: a base texture, large textured patches, then small clutter shapes.
-    canvas[:] = _texture(rng, height, width)
+    smooth = _smooth_colours(classes)
+    canvas[:] = _texture(rng, height, width, smooth)
     for _ in range(int(rng.integers(3, 7))):
         cx, cy = rng.uniform(0, width), rng.uniform(0, height)
         rx, ry = rng.uniform(0.1, 0.35) * width, rng.uniform(0.1, 0.35) * height
         shape = ("circle", "square", "triangle", "diamond")[rng.integers(4)]
-        _paint(canvas, _shape_mask(shape, cx, cy, rx, ry, height, width), rng)
+        _paint(canvas, _shape_mask(shape, cx, cy, rx, ry, height, width), rng, smooth)
     clutter_shapes = ("circle", "square", "triangle", "diamond", "star", "bar", "ring")
     for _ in range(int(rng.integers(options.clutter // 2, options.clutter + 1))):
         cx, cy = rng.uniform(0, width), rng.uniform(0, height)
-        r = rng.uniform(0.015, 0.05) * options.image_size
+        r = rng.uniform(0.01, 0.035) * options.image_size  # smaller than the parts of the smallest object
         shape = clutter_shapes[rng.integers(len(clutter_shapes))]
         colour = COLOUR_NAMES[rng.integers(len(COLOUR_NAMES))]
         _paint(canvas, _shape_mask(shape, cx, cy, r, r * rng.uniform(0.6, 1.6), height, width), rng, colour)
@@ -339,7 +360,7 @@ def render_scene(options: SynthOptions, classes: list[tuple[int, ...]], label: i
             break
     else:
         raise RuntimeError("could not place an object with every part visible; raise object_scale")
-    body_texture = _texture(rng, height, width)
+    body_texture = _texture(rng, height, width, smooth)
     for j, name in enumerate(PART_NAMES):
         visible = part_map == j + 1
         if name == "body":
@@ -364,7 +385,7 @@ def render_scene(options: SynthOptions, classes: list[tuple[int, ...]], label: i
             drawn = {"body", slot, "legs"} if rng.uniform() < 0.5 else {"body", slot}
             for name, shape, colour, cx, cy, rx, ry in _object_parts(box, bool(rng.integers(2)), {**variants, **partial}):
                 if name in drawn:
-                    _paint(canvas, _shape_mask(shape, cx, cy, rx, ry, height, width), rng, colour)
+                    _paint(canvas, _shape_mask(shape, cx, cy, rx, ry, height, width), rng, colour or smooth)
         else:
             slot = CLASS_SLOTS[rng.integers(len(CLASS_SLOTS))]
             shape, colour = VARIANTS[slot][rng.integers(len(VARIANTS[slot]))]

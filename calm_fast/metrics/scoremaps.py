@@ -47,7 +47,10 @@ def check_scoremaps(scoremaps: Sequence | np.ndarray) -> np.ndarray:
 
     Each map must be 2-D, real, free of NaN and inside [0, 1]; all maps must share one shape.
     """
-    maps = np.asarray(scoremaps)
+    try:
+        maps = np.asarray(scoremaps)
+    except ValueError as error:  # maps of different shapes
+        raise ValueError(f"scoremaps must all have the same shape [H, W]: {error}") from None
     if maps.ndim == 2:
         raise ValueError(f"scoremaps must be a batch of 2-D maps [N, H, W]; got one map of shape {maps.shape}")
     if maps.ndim != 3:
@@ -55,12 +58,16 @@ def check_scoremaps(scoremaps: Sequence | np.ndarray) -> np.ndarray:
     if not (np.issubdtype(maps.dtype, np.floating) or np.issubdtype(maps.dtype, np.integer)):
         raise TypeError(f"scoremaps must be real numbers, got dtype {maps.dtype}")
     maps = maps.astype(np.float64, copy=False)
-    for i, scoremap in enumerate(maps):
-        if np.isnan(scoremap).any():
-            raise ValueError(f"scoremaps[{i}] contains NaN")
-        if scoremap.size and (scoremap.min() < 0.0 or scoremap.max() > 1.0):
-            raise ValueError(f"scoremaps[{i}] has values outside [0, 1] "
-                             f"(min {scoremap.min()}, max {scoremap.max()}); normalise it first")
+    if maps.size == 0:
+        return maps
+    has_nan = np.isnan(maps).any(axis=(1, 2))
+    if has_nan.any():
+        raise ValueError(f"scoremaps[{int(np.argmax(has_nan))}] contains NaN")
+    low, high = maps.min(axis=(1, 2)), maps.max(axis=(1, 2))
+    outside = (low < 0.0) | (high > 1.0)
+    if outside.any():
+        i = int(np.argmax(outside))
+        raise ValueError(f"scoremaps[{i}] has values outside [0, 1] (min {low[i]}, max {high[i]}); normalise it first")
     return maps
 
 
