@@ -248,11 +248,11 @@ class _SplitImages:
             self._check_size(i, size)
         except Exception as error:  # any failure must reach the main process, not kill the worker
             message = str(error) if isinstance(error, ImageProblem) else f"{self.paths[i]}: {type(error).__name__}: {error}"
-            self._report({"index": i, "error": message})
+            self._report({"index": int(i), "error": message})
             self.abort.set()
             return self._PLACEHOLDER, label, i
         if repairs:
-            self._report({"index": i, "repairs": repairs})
+            self._report({"index": int(i), "repairs": repairs})
         return pixels, label, i
 
     def _check_size(self, i: int, size: tuple[int, int]) -> None:

@@ -11,7 +11,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 from ffcv.fields.rgb_image import IMAGE_MODES, SimpleRGBImageDecoder
-from ffcv.libffcv import imdecode, resize_crop
+from ffcv.libffcv import ctypes_imdecode, ctypes_resize
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
@@ -53,8 +53,9 @@ class SquashResizeDecoder(SimpleRGBImageDecoder):
     def generate_code(self):
         memory_read = self.memory_read
         parallel_range = Compiler.get_iterator()
-        decode_jpeg = Compiler.compile(imdecode)
-        resize = Compiler.compile(resize_crop)
+        # FFCV's native functions are called through ctypes directly: wrapping them in a numba dispatcher
+        # per loader (as FFCV's decoders do) makes numba report KeyErrors when those dispatchers are freed.
+        decode_jpeg, resize = ctypes_imdecode, ctypes_resize
         jpeg_mode = IMAGE_MODES["jpg"]
         resize_size = self.resize_size
         crop_size = -1 if self.crop_size is None else self.crop_size
@@ -69,12 +70,18 @@ class SquashResizeDecoder(SimpleRGBImageDecoder):
                 width = np.uint32(field["width"])
                 if field["mode"] == jpeg_mode:
                     buffer = decoded[k]
-                    decode_jpeg(data, buffer, height, width, height, width, 0, 0, 1, 1, False, False)
+                    # source, its size, its height and width, destination, crop height and width, crop
+                    # offsets, scale numerator and denominator, crop?, flip?
+                    decode_jpeg(data.ctypes.data, data.size, height, width, buffer.ctypes.data,
+                                height, width, 0, 0, 1, 1, False, False)
                     image = buffer[: 3 * height * width].reshape(height, width, 3)
                 else:
                     image = data.reshape(height, width, 3)
+                # resize(0, source, its rows and columns, source row range, column range, target, its size)
+                target = square[k] if random_crop else output[k]
+                resize(0, image.ctypes.data, height, width, 0, height, 0, width,
+                       target.ctypes.data, target.shape[0], target.shape[1])
                 if random_crop:
-                    resize(image, 0, height, 0, width, square[k])
                     top = np.random.randint(0, resize_size - crop_size + 1)
                     left = np.random.randint(0, resize_size - crop_size + 1)
                     window = square[k, top : top + crop_size, left : left + crop_size]
@@ -82,8 +89,6 @@ class SquashResizeDecoder(SimpleRGBImageDecoder):
                         output[k] = window[:, ::-1]
                     else:
                         output[k] = window
-                else:
-                    resize(image, 0, height, 0, width, output[k])
             return output[: len(batch_indices)]
 
         decode.is_parallel = True
