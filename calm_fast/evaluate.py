@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 import sys
 import time
@@ -439,68 +438,82 @@ def evaluate_maps(map_fn: MapFn, split, loader, settings: EvalSettings = EvalSet
     """Score the maps of `map_fn` on `split`, with this rank's shard of the samples coming from `loader`.
 
     `loader` yields (images, labels, indices); indices address `split`. Collective when a process group
-    is initialised: every rank calls it with its own shard and all get the same summed result. Raises if
-    a sample is missing or evaluated twice across ranks, or if a loader's label disagrees with the split.
+    is initialised: every rank calls it with its own shard and all get the same summed result (`device`:
+    where the all_reduce runs, the rank's GPU under NCCL). Raises if a sample is missing or evaluated
+    twice across ranks, or if a loader's label disagrees with the split.
     """
+    started = time.perf_counter()
+    shard = _evaluate_shard(map_fn, split, loader, settings, progress)
+    return _combine_shards(shard, split, settings, device, started)
+
+
+@dataclass
+class _Shard:
+    """One rank's part of an evaluation, before the ranks are combined."""
+
+    metrics: dict[str, MapMetrics] = field(default_factory=dict)
+    seen: np.ndarray | None = None  # int64 [N]: how often each sample was evaluated here
+    overlays: dict[int, tuple[dict[str, np.ndarray], int | None]] = field(default_factory=dict)
+    saved: dict[str, list[np.ndarray]] = field(default_factory=dict)
+
+
+def _evaluate_shard(map_fn: MapFn, split, loader, settings: EvalSettings, progress: bool) -> _Shard:
     from calm_fast.metrics import normalize_scoremaps
 
-    started = time.perf_counter()
-    metrics: dict[str, MapMetrics] = {}
-    seen = np.zeros(len(split), np.int64)
-    overlays: dict[int, tuple[dict[str, np.ndarray], int | None]] = {}
-    saved: dict[str, list] = {}
-    iterator = _with_progress(loader, progress, "eval")
-    for images, labels, indices in iterator:
+    shard = _Shard(seen=np.zeros(len(split), np.int64))
+    for images, labels, indices in _with_progress(loader, progress, "eval"):
         labels_np = _as_numpy(labels).astype(np.int64)
         indices_np = _as_numpy(indices).astype(np.int64)
         _check_batch(split, labels_np, indices_np)
-        np.add.at(seen, indices_np, 1)
+        np.add.at(shard.seen, indices_np, 1)
         batch = map_fn(images, labels, indices)
+        raw_maps = {name: _as_numpy(raw) for name, raw in batch.maps.items()}
         pred = None if batch.pred_classes is None else _as_numpy(batch.pred_classes).astype(np.int64)
-        if not metrics:
-            metrics = {name: MapMetrics(split, settings, classifies=pred is not None) for name in batch.maps}
+        if not shard.metrics:
+            shard.metrics = {name: MapMetrics(split, settings, classifies=pred is not None) for name in raw_maps}
+        # Ground truth is read once per batch and shared by every map.
         boxes, masks = ground_truth(split, indices_np, split.boxes is not None, split.masks is not None)
-        for name, raw in batch.maps.items():
-            raw = _as_numpy(raw)
-            metrics[name].update(normalize_scoremaps(raw), labels_np, pred, boxes, masks)
-            if settings.save_maps:
-                saved.setdefault(f"map_{name}", []).append(raw.astype(np.float32))
-        for row, index in enumerate(indices_np):
+        for name, raw in raw_maps.items():
+            shard.metrics[name].update(normalize_scoremaps(raw), labels_np, pred, boxes, masks)
+        for row, index in enumerate(indices_np.tolist()):
             if index < settings.overlay_count:
-                overlays[int(index)] = ({name: _as_numpy(raw[row]).astype(np.float32)
-                                         for name, raw in batch.maps.items()},
-                                        None if pred is None else int(pred[row]))
+                shard.overlays[index] = ({name: raw[row].astype(np.float32) for name, raw in raw_maps.items()},
+                                         None if pred is None else int(pred[row]))
         if settings.save_maps:
-            saved.setdefault("indices", []).append(indices_np)
-            saved.setdefault("labels", []).append(labels_np)
+            kept = {f"map_{name}": raw.astype(np.float32) for name, raw in raw_maps.items()}
+            kept.update(indices=indices_np, labels=labels_np)
             if pred is not None:
-                saved.setdefault("pred_classes", []).append(pred)
+                kept["pred_classes"] = pred
+            for key, value in kept.items():
+                shard.saved.setdefault(key, []).append(value)
+    return shard
 
-    # Every rank must know the map names even if its shard was empty.
-    names = next((list(m) for m in _gather_to_all(list(metrics)) if m), None)
-    if names is None:
+
+def _combine_shards(shard: _Shard, split, settings: EvalSettings, device, started: float) -> Evaluation:
+    """Sum the ranks' states (one all_reduce) and compute the numbers, identically on every rank."""
+    # A rank whose shard was empty learns the map names and whether the source classifies from the others.
+    described = None
+    if shard.metrics:
+        described = (list(shard.metrics), next(iter(shard.metrics.values())).classifies)
+    described = next((d for d in _gather_to_all(described) if d is not None), None)
+    if described is None:
         raise ValueError(f"{split.metadata_dir}: the loader gave no sample on any rank")
-    classifies = all(m.classifies for m in metrics.values()) if metrics else None
-    classifies = next((c for c in _gather_to_all(classifies) if c is not None), False)
-    for name in names:
-        if name not in metrics:
-            metrics[name] = MapMetrics(split, settings, classifies=classifies)
+    names, classifies = described
+    metrics = {name: shard.metrics.get(name) or MapMetrics(split, settings, classifies) for name in names}
 
-    ordered = [metrics[name].state() for name in names]
-    summed_seen, *summed = all_reduce_states([{"seen": seen}] + ordered)
+    summed_seen, *summed = all_reduce_states([{"seen": shard.seen}] + [metrics[name].state() for name in names],
+                                             device)
     _check_coverage(split, summed_seen["seen"])
     results, state = {}, {}
     for name, total in zip(names, summed):
         metrics[name].load_state(total)
         results[name] = metrics[name].results()
         state[name] = total
-    merged_overlays = {}
-    for part in _gather_to_all(overlays):
-        merged_overlays.update(part)
-    saved_maps = None
-    if settings.save_maps:
-        saved_maps = {key: np.concatenate(value) for key, value in saved.items()} if saved else {}
-    return Evaluation(num_images=len(split), results=results, state=state, overlays=merged_overlays,
+    overlays = {}
+    for part in _gather_to_all(shard.overlays):
+        overlays.update(part)
+    saved_maps = {key: np.concatenate(value) for key, value in shard.saved.items()} if settings.save_maps else None
+    return Evaluation(num_images=len(split), results=results, state=state, overlays=overlays,
                       saved_maps=saved_maps, seconds=time.perf_counter() - started)
 
 
@@ -590,8 +603,9 @@ def _beton_matches(split, beton: Path) -> bool:
     return ffcv.is_up_to_date(split, beton, options)
 
 
-def read_eval_split(cfg: Config, split_name: str):
-    """Read `split_name` of the configured dataset as a WSOLSplit."""
+def read_eval_split(cfg: Config, split_name: str, num_classes: int | None = None):
+    """Read `split_name` of the configured dataset as a WSOLSplit (labels bounded by `num_classes`, default
+    data.num_classes, else the split's largest label + 1)."""
     from calm_fast.data.metadata import default_image_root, default_metadata_root, read_split
 
     data = cfg.data
@@ -600,7 +614,7 @@ def read_eval_split(cfg: Config, split_name: str):
                   "test": data.test_image_root}.get(split_name)
     image_root = image_root or default_image_root(data.root, data.dataset, split_name)
     return read_split(metadata_root, data.dataset, split_name, image_root, mask_root=data.mask_root,
-                      num_classes=data.num_classes)
+                      num_classes=num_classes or data.num_classes)
 
 
 def evaluate_model(model: torch.nn.Module, split, cfg: Config, world=None, dtype: torch.dtype | None = None,
@@ -915,26 +929,27 @@ def _map_kinds(args: argparse.Namespace, cfg: Config) -> tuple[str, ...]:
 def _run(args, cfg: Config, checkpoint: Path | None, splits: list[str], kinds: tuple[str, ...], world) -> int:
     from rich.console import Console
 
-    console = Console(stderr=False)
-    if world.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world.local_world_size))
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=120)  # logs: wide enough for the results table
+    _share_cpu_threads(world)
     settings = EvalSettings.from_config(cfg, per_class=args.per_class, overlay_count=args.overlays,
                                         save_maps=args.save_maps)
-    model = None
     info: dict[str, Any] = {"world_size": world.world_size}
+    num_classes = cfg.data.num_classes
     if args.baseline:
         info.update(source="baseline", baselines=list(args.baseline))
     else:
         state_dict, _ = load_weights(checkpoint)
+        num_classes = num_classes or _classes_of(state_dict, checkpoint)
+        model = build_model_from(cfg, num_classes, state_dict).to(world.device).eval()
         info.update(source="model", checkpoint=str(checkpoint), backbone=cfg.model.backbone,
                     method=cfg.model.method, prior=cfg.model.prior)
     for split_name in splits:
-        split = read_eval_split(cfg, split_name)
+        split = read_eval_split(cfg, split_name, num_classes)
         if args.baseline:
             source: MapFn = BaselineMaps(kinds)
         else:
-            if model is None:
-                model = build_model_from(cfg, split.num_classes, state_dict).to(world.device).eval()
             source = ModelMaps(model, cfg.model.method, kinds, cfg.model.prior, world.device)
         loader = build_eval_loader(cfg, split, world.rank, world.world_size, world.device)
         evaluation = evaluate_maps(source, split, loader, settings, device=_reduce_device(world.device),
@@ -949,3 +964,23 @@ def _run(args, cfg: Config, checkpoint: Path | None, splits: list[str], kinds: t
             write_reports(evaluation, split, out_dir, info, settings, console=console)
             console.print(f"results: {out_dir / 'results.json'}")
     return 0
+
+
+def _share_cpu_threads(world) -> None:
+    """Ranks on one machine share its cores: torch's and numba's (the box metrics) threads alike."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    import numba
+
+    threads = max(1, (os.cpu_count() or 1) // world.local_world_size)
+    if world.device.type == "cpu":
+        torch.set_num_threads(threads)
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+
+
+def _classes_of(state_dict: dict[str, torch.Tensor], checkpoint: Path) -> int:
+    """The number of classes a checkpoint was trained for: the rows of its class head."""
+    weight = state_dict.get("class_head.weight")
+    if weight is None:
+        raise ValueError(f"{checkpoint}: no class_head.weight; set data.num_classes")
+    return int(weight.shape[0])

@@ -395,7 +395,6 @@ def test_killed_conversion_leaves_no_complete_beton(tmp_path):
     script = textwrap.dedent(f"""
         import time
         from calm_fast.data import ffcv as F
-from calm_fast.data.ffcv_ops import shard_order
         from calm_fast.data.metadata import read_split
         real_load = F.load_rgb
         def slow_load(*args, **kwargs):
@@ -405,16 +404,21 @@ from calm_fast.data.ffcv_ops import shard_order
         split = read_split({str(tmp_path / "metadata")!r}, "KILL", "train", {str(tmp_path / "KILL")!r})
         F.convert_split(split, {str(beton)!r}, num_workers=1)
     """)
-    process = subprocess.Popen([sys.executable, "-c", script], cwd=REPO_ROOT, start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "convert.log"
+    with open(log, "wb") as output:
+        process = subprocess.Popen([sys.executable, "-c", script], cwd=REPO_ROOT, start_new_session=True,
+                                   stdout=output, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 60
         while not any(p.name.startswith(f".{beton.name}.partial") for p in beton.parent.glob(".*")):
-            assert process.poll() is None and time.monotonic() < deadline, "the conversion never started"
+            assert process.poll() is None, f"the conversion failed: {log.read_text()}"
+            assert time.monotonic() < deadline, "the conversion never started"
             time.sleep(0.05)
         time.sleep(1.0)  # a couple of images in
+        assert process.poll() is None, "the conversion ended before it was killed"
     finally:
-        os.killpg(process.pid, signal.SIGKILL)  # the main process and its workers
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)  # the main process and its workers
         process.wait()
     assert not beton.exists() and not F.sidecar_path(beton).exists()
 
@@ -425,7 +429,8 @@ from calm_fast.data.ffcv_ops import shard_order
 
     reader = Reader(str(beton))
     assert reader.num_samples == 8
-    assert list(reader.metadata["label"]) == list(split.labels) and list(reader.metadata["index"]) == list(range(8))
+    assert reader.field_names == ["image", "label", "index"]
+    assert list(reader.metadata["f1"]) == list(split.labels) and list(reader.metadata["f2"]) == list(range(8))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 import cv2
@@ -192,7 +193,7 @@ def main(args: argparse.Namespace) -> int:
     if args.maps < 1 or args.repeats < 1:
         raise SystemExit("bench metrics: --maps and --repeats must be >= 1")
     all_threads = numba.config.NUMBA_NUM_THREADS
-    console = Console()
+    console = Console() if sys.stdout.isatty() else Console(width=150)  # logs: keep the table's columns whole
     rng = np.random.default_rng(args.seed)
     maps = {kind: MAKERS[kind](rng, args.maps) for kind in args.kinds}
     boxes = {kind: gt_boxes_for(rng, maps[kind]) for kind in args.kinds}

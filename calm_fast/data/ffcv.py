@@ -34,11 +34,11 @@ import math
 import multiprocessing
 import os
 import shutil
+import signal
 import tempfile
 import threading
 import time
 import warnings
-import _thread
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -221,8 +221,9 @@ class _SplitImages:
     """The indexed dataset that FFCV's DatasetWriter reads in its worker processes: (image, label, index).
 
     A worker must never raise (DatasetWriter would wait forever for its progress): problems and repairs
-    are appended as JSON lines to a per-process file in ``report_dir``; a problem also sets
-    ``abort`` and from then on every worker returns placeholders until the watchdog stops the writer.
+    are appended as JSON lines to a per-process file in ``report_dir``; a problem also sets ``abort``,
+    after which every worker returns placeholders without reading files, so the writer finishes quickly
+    and the main process discards its output.
     """
 
     _PLACEHOLDER = np.zeros((1, 1, 3), dtype=np.uint8)
@@ -283,53 +284,71 @@ def _read_reports(report_dir: Path) -> tuple[list[tuple[int, str]], dict[str, in
     return sorted(errors), dict(sorted(repairs.items()))
 
 
-class _WriterWatchdog(threading.Thread):
-    """Interrupts the main thread when a conversion worker reports a bad image or dies.
+class _WorkerCrashed(Exception):
+    """Raised in the main thread by :class:`_CrashWatch`."""
 
-    FFCV's DatasetWriter polls its workers' progress counter until every sample is done, with no
-    timeout; after a bad image (workers return placeholders) or a crashed worker (killed for memory,
-    say) it would finish uselessly or wait forever. Workers are the child processes that appear
-    after the watchdog starts.
+
+class _CrashWatch(threading.Thread):
+    """Stops a conversion whose worker process died without a word (killed for memory, a native crash).
+
+    FFCV's DatasetWriter polls its workers' progress counter until every sample is done, with no timeout,
+    so a dead worker would hang it forever. Workers are the child processes that appear after the
+    watch starts. On a death the watch signals the main thread (SIGUSR1) every 0.1 s until the main
+    thread calls :meth:`acknowledge`; the handler raises :class:`_WorkerCrashed` out of the writer, again
+    only if 2 s pass unacknowledged (the first exception may have landed where Python swallows
+    exceptions, in a finaliser say). Only possible from the main thread: elsewhere ``armed`` is False
+    and nothing is watched.
     """
 
-    def __init__(self, abort):
+    def __init__(self):
         super().__init__(daemon=True)
-        self.abort = abort
-        self.reason: str | None = None
+        self.armed = threading.current_thread() is threading.main_thread()
+        self.crash: str | None = None
         self.workers: dict[int, multiprocessing.Process] = {}
         self._known = {p.pid for p in multiprocessing.active_children()}
-        self._lock = threading.Lock()
-        self._finished = False
+        self._stopped = threading.Event()
+        self._previous_handler = None
+        self._acknowledged = False
+        self._raised_at: float | None = None
+
+    def __enter__(self) -> "_CrashWatch":
+        if self.armed:
+            self._previous_handler = signal.signal(signal.SIGUSR1, self._on_signal)
+            self.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stopped.set()
+        if self.armed:
+            self.join()  # every signal it sent has reached the handler by now
+            signal.signal(signal.SIGUSR1, self._previous_handler)
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.crash is None or self._acknowledged or self._stopped.is_set():
+            return
+        if self._raised_at is None or time.monotonic() - self._raised_at > 2.0:
+            self._raised_at = time.monotonic()
+            raise _WorkerCrashed(self.crash)
+
+    def acknowledge(self) -> None:
+        """The main thread caught :class:`_WorkerCrashed`: stop raising it."""
+        self._acknowledged = True
 
     def run(self) -> None:
-        while True:
-            with self._lock:
-                if self._finished:
-                    return
-                reason = self._check()
-                if reason is not None:
-                    self.reason = reason
-                    self._finished = True
-                    _thread.interrupt_main()
-                    return
-            time.sleep(0.05)
+        while not self._stopped.wait(0.1):
+            if self.crash is None:
+                self.crash = self._find_dead_worker()
+            if self.crash is not None and not self._acknowledged:
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
 
-    def _check(self) -> str | None:
+    def _find_dead_worker(self) -> str | None:
         for process in multiprocessing.active_children():
             if process.pid not in self._known:
                 self.workers.setdefault(process.pid, process)
-        if self.abort.is_set():
-            return "bad image"
         for process in self.workers.values():
             if process.exitcode not in (None, 0):
                 return f"a conversion worker (pid {process.pid}) died with exit code {process.exitcode}"
         return None
-
-    def finish(self) -> None:
-        """Stop watching; after this returns the watchdog never interrupts."""
-        with self._lock:
-            self._finished = True
-        self.join()
 
     def stop_workers(self) -> None:
         for process in self.workers.values():
@@ -436,32 +455,25 @@ def convert_split(
     writer = DatasetWriter(str(partial), fields, page_size=_page_size(split, options), num_workers=num_workers)
     # Chunks small enough that every worker gets several, large enough to keep the queue short.
     chunk_size = max(1, min(100, len(split) // (4 * num_workers)))
+    where = f"{split.dataset}/{split.split} ({split.metadata_dir})"
     start = time.perf_counter()
-    watchdog = _WriterWatchdog(abort)
-    watchdog.start()
     try:
-        try:
-            writer.from_indexed_dataset(source, chunksize=chunk_size)
-            watchdog.finish()
-        except KeyboardInterrupt:
-            watchdog.finish()
-            if watchdog.reason is None:
-                raise  # the user's Ctrl-C
-        if watchdog.reason is not None:
-            watchdog.stop_workers()
-            _release_shared_memory(writer)
-            errors, _ = _read_reports(report_dir)
-            where = f"{split.dataset}/{split.split} ({split.metadata_dir})"
-            if errors:
-                index, message = errors[0]
-                more = f"; {len(errors) - 1} more bad image(s) met before stopping" if len(errors) > 1 else ""
-                raise ConversionError(f"{message} [sample {index} of {where}{more}]")
-            raise ConversionError(f"converting {where} stopped: {watchdog.reason}")
+        with _CrashWatch() as watch:
+            try:
+                writer.from_indexed_dataset(source, chunksize=chunk_size)
+            except _WorkerCrashed as crash:
+                watch.acknowledge()
+                watch.stop_workers()
+                _release_shared_memory(writer)
+                raise ConversionError(f"converting {where} stopped: {crash}") from None
         seconds = time.perf_counter() - start
-        _, repairs = _read_reports(report_dir)
+        errors, repairs = _read_reports(report_dir)
+        if errors:  # the workers wrote placeholders from the first bad image on; the file is discarded
+            index, message = errors[0]
+            more = f"; {len(errors) - 1} more bad image(s) met before stopping" if len(errors) > 1 else ""
+            raise ConversionError(f"{message} [sample {index} of {where}{more}]")
         os.replace(partial, beton_path)
     finally:
-        watchdog.finish()
         partial.unlink(missing_ok=True)
         shutil.rmtree(report_dir, ignore_errors=True)
     info = {

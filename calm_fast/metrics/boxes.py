@@ -122,6 +122,7 @@ class BoxAccuracy:
     MaxBoxAccV2 (the default) is `multi_contour=True`, IoU thresholds (30, 50, 70); MaxBoxAcc (v1) is the
     IoU-50 entry with `multi_contour=False`. The state is integer counts only, so shards accumulated on
     different ranks and summed (`merge`, or an all-reduce of `state_dict()`) give exactly the one-pass result.
+    `num_threads`: numba threads over the maps of a batch (None: all cores; 1 when ranks share a node).
     """
 
     def __init__(self, cam_curve_interval: float = 0.01, iou_thresholds: Sequence[int] = (30, 50, 70),
