@@ -28,6 +28,13 @@ Outputs, under `<run_dir>/eval/<split>/` (or --out), written by rank 0, each fil
 Map sources. `evaluate_maps(map_fn, split, loader, ...)` scores anything that turns a batch into maps:
 a model (`ModelMaps`), or a class-agnostic baseline (`BaselineMaps`: a centred Gaussian, the smoothed
 image-gradient energy), through the same metric code.
+
+Examples (config overrides go before the list options --split/--map-kind/--baseline):
+  calm-fast eval --run runs/synthetic                       model.pt of the run, eval.split, eval.map_kind
+  calm-fast eval --run runs/synthetic eval.cam_curve_interval=0.001 --split val test --map-kind all
+  calm-fast eval -c configs/synthetic.toml --baseline centre-gaussian image-energy
+  torchrun --standalone --nproc_per_node 8 -m calm_fast.cli eval --run runs/x      (or the deepspeed
+      launcher with --module calm_fast.cli eval ...): 8 ranks, the same numbers as one process
 """
 
 from __future__ import annotations
@@ -368,7 +375,7 @@ def all_reduce_states(states: list[dict[str, np.ndarray]], device: torch.device 
     """
     names = [(i, key) for i, state in enumerate(states) for key in sorted(state)]
     arrays = [np.asarray(states[i][key]) for i, key in names]
-    for (i, key), array in zip(names, arrays):
+    for (_, key), array in zip(names, arrays):
         if not np.issubdtype(array.dtype, np.integer):
             raise TypeError(f"metric state {key!r} has dtype {array.dtype}; exact merging needs integers")
     if _world_size() == 1:
@@ -849,21 +856,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also write each rank's raw maps to OUT/maps/rank<r>.npz (compressed)")
 
 
-def resolve_config(args: argparse.Namespace) -> tuple[Config, Path | None]:
-    """The config (file, run, or checkpoint's own, then the overrides) and the checkpoint to load."""
+def resolve_config(args: argparse.Namespace) -> tuple[Config, Path | None, dict[str, torch.Tensor] | None]:
+    """(config, checkpoint to evaluate, its weights if already read).
+
+    The config is --config, else the run's config.toml, else the one a checkpoint carries, then the
+    overrides. With --run, results go under that run folder (unless run_dir is overridden).
+    """
     run = Path(args.run) if args.run else None
     checkpoint = Path(args.checkpoint) if args.checkpoint else run
+    state_dict = None
     if args.config:
-        return load_config(args.config, args.overrides), checkpoint
-    if run is not None and (run / "config.toml").is_file():
+        cfg = load_config(args.config, args.overrides)
+    elif run is not None and (run / "config.toml").is_file():
         cfg = load_config(run / "config.toml", args.overrides)
-        return (cfg if args.run is None else dataclasses.replace(cfg, run_dir=str(run))), checkpoint
-    if checkpoint is not None and not args.baseline:
-        _, saved = load_weights(checkpoint)
-        if saved is not None:
-            return _with_overrides(saved, args.overrides), checkpoint
-        raise ConfigError(f"{checkpoint}: holds no config; pass --config")
-    raise ConfigError("no config: pass --config TOML, --run RUN_DIR, or a --checkpoint that carries its config")
+    elif checkpoint is not None and not args.baseline:
+        state_dict, saved = load_weights(checkpoint)
+        if saved is None:
+            raise ConfigError(f"{checkpoint}: holds no config; pass --config")
+        cfg = _with_overrides(saved, args.overrides)
+    else:
+        raise ConfigError("no config: pass --config TOML, --run RUN_DIR, or a --checkpoint that carries its config")
+    if run is not None and not any(o.strip().startswith("run_dir=") for o in args.overrides):
+        cfg = dataclasses.replace(cfg, run_dir=str(run))
+    return cfg, checkpoint, state_dict
 
 
 def _with_overrides(cfg: Config, overrides: list[str]) -> Config:
@@ -880,7 +895,7 @@ def _with_overrides(cfg: Config, overrides: list[str]) -> Config:
 
 def main(args: argparse.Namespace) -> int:
     try:
-        cfg, checkpoint = resolve_config(args)
+        cfg, checkpoint, state_dict = resolve_config(args)
         kinds = _map_kinds(args, cfg)
         splits = args.split or [cfg.eval.split]
         if args.overlays < 0:
@@ -896,7 +911,7 @@ def main(args: argparse.Namespace) -> int:
 
     world = init_world(cfg.dist.timeout_minutes)
     try:
-        return _run(args, cfg, checkpoint, splits, kinds, world)
+        return _run(args, cfg, checkpoint, state_dict, splits, kinds, world)
     except Exception as error:
         if world.world_size == 1:
             raise
@@ -926,7 +941,8 @@ def _map_kinds(args: argparse.Namespace, cfg: Config) -> tuple[str, ...]:
     return kinds
 
 
-def _run(args, cfg: Config, checkpoint: Path | None, splits: list[str], kinds: tuple[str, ...], world) -> int:
+def _run(args, cfg: Config, checkpoint: Path | None, state_dict: dict[str, torch.Tensor] | None, splits: list[str],
+         kinds: tuple[str, ...], world) -> int:
     from rich.console import Console
 
     console = Console()
@@ -940,7 +956,8 @@ def _run(args, cfg: Config, checkpoint: Path | None, splits: list[str], kinds: t
     if args.baseline:
         info.update(source="baseline", baselines=list(args.baseline))
     else:
-        state_dict, _ = load_weights(checkpoint)
+        if state_dict is None:
+            state_dict, _ = load_weights(checkpoint)
         num_classes = num_classes or _classes_of(state_dict, checkpoint)
         model = build_model_from(cfg, num_classes, state_dict).to(world.device).eval()
         info.update(source="model", checkpoint=str(checkpoint), backbone=cfg.model.backbone,

@@ -146,7 +146,9 @@ def test_constant_maps_score_zero_boxes_and_the_positive_rate_as_pxap(split):
 
 def test_per_class_rows_add_up_to_the_split(split):
     settings = evaluate.EvalSettings(iou_thresholds=IOUS)
-    result = evaluate.evaluate_maps(OracleMaps(split), split, batches(split), settings).results["oracle"]
+    # Every map is its GT box; the predicted class is right on even indices only.
+    evaluation = evaluate.evaluate_maps(OracleMaps(split, every=1), split, batches(split), settings)
+    result, state = evaluation.results["oracle"], evaluation.state["oracle"]
     rows = result["per_class"]
     labels = split.labels
     n = len(split)
@@ -157,11 +159,20 @@ def test_per_class_rows_add_up_to_the_split(split):
         members = labels == row["class"]
         assert row["num_images"] == members.sum()
         assert row["cls_top1_acc"] == pytest.approx(100 * even[members].mean())
-        per_iou = [100 * np.mean(even[members] & (ious[members] >= t / 100)) for t in IOUS]
-        assert row["box_acc_v2"] == pytest.approx(np.mean(per_iou))
-    # weighted by class size, the rows give back the split's number (the curves are flat here)
+        box_acc = [100 * np.mean(ious[members] >= t / 100) for t in IOUS]
+        top1 = [100 * np.mean(even[members] & (ious[members] >= t / 100)) for t in IOUS]
+        assert [row[f"box_acc_{t}"] for t in IOUS] == pytest.approx(box_acc)
+        assert row["box_acc_v2"] == pytest.approx(np.mean(box_acc))
+        assert row["top1_loc_v2"] == pytest.approx(np.mean(top1))
+        assert 0 <= row["pxap"] <= 100
+    # weighted by class size, the rows give back the split's numbers (the curves are flat here)
     weighted = sum(row["box_acc_v2"] * row["num_images"] for row in rows) / n
     assert weighted == pytest.approx(result["box"]["max_box_acc_v2"])
+    weighted_top1 = sum(row["top1_loc_v2"] * row["num_images"] for row in rows) / n
+    assert weighted_top1 == pytest.approx(result["box"]["top1_loc_v2"])
+    # the per-class pixel histograms partition the split's
+    for key in ("positive_hist", "negative_hist"):
+        np.testing.assert_array_equal(state[f"class_pixel/{key}"].sum(axis=0), state[f"pixel/{key}"])
 
 
 def test_batch_order_and_size_do_not_change_the_state(split):
@@ -237,6 +248,17 @@ def test_model_maps_are_those_of_the_ground_truth_class_not_the_predicted_one():
         expected = torch.softmax(class_logits[i], dim=0)[label] * prior
         torch.testing.assert_close(batch.maps["joint"][i], expected)
         torch.testing.assert_close(batch.maps["prior"][i], prior)
+
+
+def test_cam_predicts_from_the_average_of_its_class_map():
+    class_logits = torch.zeros(2, NUM_CLASSES, 4, 4)
+    class_logits[0, 1, 0, 0] = 10.0  # one strong cell: GAP 10/16 for class 1
+    class_logits[0, 2] = 1.0  # everywhere 1: GAP 1 for class 2, the larger average
+    class_logits[1, 0, 2, 2] = 5.0
+    source = evaluate.ModelMaps(FixedHead(class_logits, None), "cam", ("class",))
+    batch = source(torch.zeros(2, 3, 8, 8), torch.tensor([1, 0]), torch.arange(2))
+    assert batch.pred_classes.tolist() == [2, 0]
+    torch.testing.assert_close(batch.maps["class"], class_logits[[0, 1], [1, 0]])
 
 
 def test_baseline_maps_are_class_agnostic():
@@ -482,3 +504,12 @@ def test_ffcv_and_torch_loaders_feed_the_same_samples(split, data_root, tmp_path
     # "auto" takes the .beton while it matches the metadata
     auto = load_config(None, base + ["data.loader=auto"])
     assert isinstance(evaluate.build_eval_loader(auto, split), ffcv.FFCVLoader)
+
+
+def test_a_run_folder_is_evaluated_into_itself(experiment, monkeypatch):
+    # experiment/ holds config.toml and model.pt as a training run leaves them
+    code = _run_in_process(monkeypatch, ["eval", "--run", str(experiment), "--overlays", "0", "--no-per-class"])
+    assert code == 0
+    results = json.loads((experiment / "eval" / "test" / "results.json").read_text())
+    assert results["checkpoint"] == str(experiment) and set(results["maps"]) == {"joint"}
+    assert not list((experiment / "eval" / "test").glob("overlays_*"))

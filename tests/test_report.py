@@ -43,6 +43,9 @@ def test_write_json_turns_numpy_and_nan_into_plain_json(tmp_path):
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text) == {"a": 1.5, "b": 3, "c": [0.5, None, None], "d": [True], "e": {"1": None}, "f": None}
     assert _leftovers(tmp_path) == []
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would create it, not owner-only
 
 
 def test_atomic_write_keeps_the_old_file_when_the_replace_fails(tmp_path, monkeypatch):

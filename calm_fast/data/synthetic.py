@@ -200,21 +200,22 @@ def _two_colours(rng: np.random.Generator, names: list[str]) -> tuple[np.ndarray
     return np.array(PALETTE[names[a]], np.float32), np.array(PALETTE[names[b]], np.float32)
 
 
-def _smooth_colours(classes: list[tuple[int, ...]]) -> list[str]:
-    """Colours that no class's part uses: the only ones allowed to fill large smooth regions."""
+def _texture_colours(classes: list[tuple[int, ...]]) -> list[str]:
+    """Colours that no class's part uses: the colours of textures (backgrounds and bodies).
+
+    A class colour is then always a part, a distractor or a small clutter shape, as in real data where
+    a bird's red crown is not the colour of the sky. (With class colours in the textures too, a small
+    CNN learned too slowly for a CPU demo.)
+    """
     used = {VARIANTS[slot][combo[s]][1] for combo in classes for s, slot in enumerate(CLASS_SLOTS)}
     return [name for name in COLOUR_NAMES if name not in used]
 
 
-def _texture(rng: np.random.Generator, height: int, width: int, smooth_colours: list[str]) -> np.ndarray:
-    """A random texture (float32 [H, W, 3]) from the pool shared by backgrounds, bodies and distractors.
-
-    Busy textures (stripes, checker, dots) take any palette colours; smooth ones (blobs, gradients,
-    plain) only ``smooth_colours``, so that a smooth patch in a class colour is always a part or a
-    distractor, as in real data where a bird's red crown is not the size of the sky.
-    """
+def _texture(rng: np.random.Generator, height: int, width: int, colours: list[str]) -> np.ndarray:
+    """A random texture (float32 [H, W, 3]) in two of ``colours``, from the pool shared by backgrounds,
+    bodies and distractor bodies."""
     kind = rng.integers(6)
-    c1, c2 = _two_colours(rng, COLOUR_NAMES if kind < 3 else smooth_colours)
+    c1, c2 = _two_colours(rng, colours)
     yy = np.arange(height, dtype=np.float32)[:, None]
     xx = np.arange(width, dtype=np.float32)[None, :]
     angle = rng.uniform(0, np.pi)
@@ -246,8 +247,8 @@ def _texture(rng: np.random.Generator, height: int, width: int, smooth_colours: 
 
 
 def _paint(canvas: np.ndarray, mask: np.ndarray, rng: np.random.Generator, colour: str | list[str]) -> None:
-    """Fill ``mask`` of the canvas with a named colour, or with a random texture when ``colour`` is the
-    list of smooth colours (see :func:`_texture`)."""
+    """Fill ``mask`` of the canvas with a named colour, or with a random texture in two colours of a
+    list of colour names."""
     if isinstance(colour, str):
         canvas[mask] = PALETTE[colour]
         return
@@ -330,13 +331,13 @@ def render_scene(options: SynthOptions, classes: list[tuple[int, ...]], label: i
     canvas = np.empty((height, width, 3), np.float32)
 
     # Background: a base texture, large textured patches, then small clutter shapes.
-    smooth = _smooth_colours(classes)
-    canvas[:] = _texture(rng, height, width, smooth)
+    texture_colours = _texture_colours(classes)
+    canvas[:] = _texture(rng, height, width, texture_colours)
     for _ in range(int(rng.integers(3, 7))):
         cx, cy = rng.uniform(0, width), rng.uniform(0, height)
         rx, ry = rng.uniform(0.1, 0.35) * width, rng.uniform(0.1, 0.35) * height
         shape = ("circle", "square", "triangle", "diamond")[rng.integers(4)]
-        _paint(canvas, _shape_mask(shape, cx, cy, rx, ry, height, width), rng, smooth)
+        _paint(canvas, _shape_mask(shape, cx, cy, rx, ry, height, width), rng, texture_colours)
     clutter_shapes = ("circle", "square", "triangle", "diamond", "star", "bar", "ring")
     for _ in range(int(rng.integers(options.clutter // 2, options.clutter + 1))):
         cx, cy = rng.uniform(0, width), rng.uniform(0, height)
@@ -360,7 +361,7 @@ def render_scene(options: SynthOptions, classes: list[tuple[int, ...]], label: i
             break
     else:
         raise RuntimeError("could not place an object with every part visible; raise object_scale")
-    body_texture = _texture(rng, height, width, smooth)
+    body_texture = _texture(rng, height, width, texture_colours)
     for j, name in enumerate(PART_NAMES):
         visible = part_map == j + 1
         if name == "body":
@@ -385,7 +386,7 @@ def render_scene(options: SynthOptions, classes: list[tuple[int, ...]], label: i
             drawn = {"body", slot, "legs"} if rng.uniform() < 0.5 else {"body", slot}
             for name, shape, colour, cx, cy, rx, ry in _object_parts(box, bool(rng.integers(2)), {**variants, **partial}):
                 if name in drawn:
-                    _paint(canvas, _shape_mask(shape, cx, cy, rx, ry, height, width), rng, colour or smooth)
+                    _paint(canvas, _shape_mask(shape, cx, cy, rx, ry, height, width), rng, colour or texture_colours)
         else:
             slot = CLASS_SLOTS[rng.integers(len(CLASS_SLOTS))]
             shape, colour = VARIANTS[slot][rng.integers(len(VARIANTS[slot]))]
