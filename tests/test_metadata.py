@@ -12,6 +12,7 @@ from calm_fast.data.metadata import MetadataError, default_image_root, default_m
 
 IDS = ["a/1.jpg", "a/2.jpg", "b/3.jpg"]
 SIZES = {"a/1.jpg": (40, 30), "a/2.jpg": (50, 60), "b/3.jpg": (20, 20)}
+LOC_HEAD = "a/1.jpg,1,2,30,20\na/2.jpg,0,0,49,59\n"  # valid boxes of the first two images
 
 
 def write_split(root: Path, files: dict[str, str], dataset: str = "TOY", split: str = "test") -> Path:
@@ -70,7 +71,8 @@ def test_lines_in_another_order_are_matched_by_path(tmp_path):
 
 
 def test_fractional_boxes_are_kept_as_floats(tmp_path):
-    write_split(tmp_path, box_files(**{"localization.txt": "a/1.jpg,1.5,2,30,20\na/2.jpg,0,0,4,4\nb/3.jpg,3,4,10,12\n"}))
+    loc = "a/1.jpg,1.5,2,30,20\na/2.jpg,0,0,4,4\nb/3.jpg,3,4,10,12\n"
+    write_split(tmp_path, box_files(**{"localization.txt": loc}))
     boxes = read(tmp_path).boxes
     assert boxes[0].dtype == np.float64 and boxes[0].tolist() == [[1.5, 2.0, 30.0, 20.0]]
 
@@ -94,13 +96,16 @@ def test_one_pixel_overhang_is_clipped_and_counted(tmp_path):
         ("class_labels.txt", "a/1.jpg,0\na/2.jpg,2\na/2.jpg,2\nb/3.jpg,1\n", "class_labels.txt:3: second label"),
         ("image_sizes.txt", "a/1.jpg,40,30\na/2.jpg,50\nb/3.jpg,20,20\n", "image_sizes.txt:2: expected"),
         ("image_sizes.txt", "a/1.jpg,40,30\na/2.jpg,50,0\nb/3.jpg,20,20\n", "image_sizes.txt:2: image size 50x0"),
-        ("localization.txt", "a/1.jpg,1,2,30,20\na/2.jpg,0,0,49,59\nb/3.jpg,3,4,x,12\n", "localization.txt:3: x1 is not a number"),
-        ("localization.txt", "a/1.jpg,1,2,30,20\na/2.jpg,9,0,8,59\nb/3.jpg,3,4,10,12\n", "localization.txt:2: box of 'a/2.jpg' has x1<x0"),
-        ("localization.txt", "a/1.jpg,1,2,30,20\na/2.jpg,0,0,49,59\nb/3.jpg,3,4,10,22\n", "localization.txt:3: box"),
+        ("localization.txt", LOC_HEAD + "b/3.jpg,3,4,x,12\n", "localization.txt:3: x1 is not a number"),
+        ("localization.txt", "a/1.jpg,1,2,30,20\na/2.jpg,9,0,8,59\nb/3.jpg,3,4,10,12\n",
+         "localization.txt:2: box of 'a/2.jpg' has x1<x0"),
+        ("localization.txt", LOC_HEAD + "b/3.jpg,3,4,10,22\n", "localization.txt:3: box"),
         ("localization.txt", "a/1.jpg,1,2,30\n", "localization.txt:1: expected boxes"),
-        ("localization.txt", "a/1.jpg,1,2,30,20\na/2.jpg,0,0,49\nb/3.jpg,3,4,10,12\n", "localization.txt:2: expected 'path,x0,y0,x1,y1'"),
+        ("localization.txt", "a/1.jpg,1,2,30,20\na/2.jpg,0,0,49\nb/3.jpg,3,4,10,12\n",
+         "localization.txt:2: expected 'path,x0,y0,x1,y1'"),
         ("image_ids.txt", "a/1.jpg\n\na/2.jpg\nb/3.jpg\n", "image_ids.txt:2: empty line"),
-        ("image_ids.txt", "a/1.jpg\na/2.jpg\nb/3.jpg\na/2.jpg\n", "image_ids.txt:4: duplicated image id 'a/2.jpg' (first on line 2)"),
+        ("image_ids.txt", "a/1.jpg\na/2.jpg\nb/3.jpg\na/2.jpg\n",
+         "image_ids.txt:4: duplicated image id 'a/2.jpg' (first on line 2)"),
     ],
 )
 def test_malformed_lines_name_file_and_line(tmp_path, file, text, expected):

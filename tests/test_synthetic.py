@@ -158,7 +158,8 @@ def test_class_table():
 def scenes(count: int, **knobs):
     options = SynthOptions(**knobs)
     classes = class_table(options.num_classes)
-    return [render_scene(options, classes, k % options.num_classes, np.random.default_rng([11, k])) for k in range(count)]
+    labels = [k % options.num_classes for k in range(count)]
+    return [render_scene(options, classes, y, np.random.default_rng([11, k])) for k, y in enumerate(labels)]
 
 
 def test_objects_vary_in_position_scale_and_aspect():

@@ -109,7 +109,7 @@ class WSOLSplit:
         return len(self.image_ids)
 
     def image_path(self, i: int) -> Path:
-        """Absolute path of image ``i``."""
+        """Path of image ``i`` (``image_root / image_ids[i]``)."""
         return self.image_root / self.image_ids[i]
 
     @functools.cached_property
@@ -164,7 +164,7 @@ def _read_lines(path: Path, required: bool = True) -> list[str] | None:
             raise MetadataError(f"{path}: required metadata file is missing")
         return None
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark is not part of the first path
     except UnicodeDecodeError as error:
         raise MetadataError(f"{path}: not UTF-8 text ({error})") from None
     lines = text.splitlines()
@@ -218,6 +218,9 @@ class _IdIndex:
             self.ids.append(image_id)
 
     def lookup(self, path: Path, line_no: int, image_id: str, skip_unknown: bool) -> int | None:
+        # Files usually list images in the order of image_ids.txt: a string compare is cheaper than hashing.
+        if line_no <= len(self.ids) and self.ids[line_no - 1] == image_id:
+            return line_no - 1
         i = self.index.get(image_id)
         if i is None and not skip_unknown:
             raise MetadataError(f"{path}:{line_no}: image {image_id!r} is not listed in {self.path}")

@@ -2,10 +2,11 @@
 
 Each image holds one object built from parts (body, head, tail, crest, legs) on a textured, cluttered
 background, plus distractors. Classes differ only in the variant of some parts (head, tail, crest),
-each variant having a fixed shape and colour; bodies, backgrounds and distractors share those
-textures, colours and shapes, so only the object's full part configuration tells its class. The
-output is the WSOL layout that ``calm_fast.data.metadata.read_split`` reads, both as a box dataset
-and as a mask dataset. Design and file formats: calm_fast/data/SYNTHETIC.md.
+each variant having a fixed shape and colour. Bodies wear the background's textures, and distractors
+(loose parts, bodies with one part) and clutter repeat the parts' shapes and colours, so neither
+"busy" nor "colourful" nor "central" finds the object: only its part configuration does. The output
+is the WSOL layout that ``calm_fast.data.metadata.read_split`` reads, both as a box dataset and as a
+mask dataset. Design and file formats: calm_fast/data/SYNTHETIC.md.
 """
 
 from __future__ import annotations
@@ -320,18 +321,14 @@ def _random_box(rng, width: int, height: int, scale: tuple[float, float], aspect
 def _overlaps(a, b, margin: float) -> bool:
     ax0, ay0, aw, ah = a
     bx0, by0, bw, bh = b
-    return not (ax0 + aw + margin < bx0 or bx0 + bw + margin < ax0 or ay0 + ah + margin < by0 or by0 + bh + margin < ay0)
+    apart_x = ax0 + aw + margin < bx0 or bx0 + bw + margin < ax0
+    apart_y = ay0 + ah + margin < by0 or by0 + bh + margin < ay0
+    return not (apart_x or apart_y)
 
 
-def render_scene(options: SynthOptions, classes: list[tuple[int, ...]], label: int, rng: np.random.Generator) -> Scene:
-    """Draw one image of class ``label`` with its ground truth; all randomness comes from ``rng``."""
-    jitter = options.size_jitter
-    width = int(round(options.image_size * rng.uniform(1 - jitter, 1 + jitter)))
-    height = int(round(options.image_size * rng.uniform(1 - jitter, 1 + jitter)))
-    canvas = np.empty((height, width, 3), np.float32)
-
-    # Background: a base texture, large textured patches, then small clutter shapes.
-    texture_colours = _texture_colours(classes)
+def _draw_background(canvas: np.ndarray, rng, options: SynthOptions, texture_colours: list[str]) -> None:
+    """A base texture, 3–6 large textured patches, then small clutter shapes in any colour."""
+    height, width = canvas.shape[:2]
     canvas[:] = _texture(rng, height, width, texture_colours)
     for _ in range(int(rng.integers(3, 7))):
         cx, cy = rng.uniform(0, width), rng.uniform(0, height)
@@ -346,21 +343,63 @@ def render_scene(options: SynthOptions, classes: list[tuple[int, ...]], label: i
         colour = COLOUR_NAMES[rng.integers(len(COLOUR_NAMES))]
         _paint(canvas, _shape_mask(shape, cx, cy, r, r * rng.uniform(0.6, 1.6), height, width), rng, colour)
 
-    # The object; resampled in the rare case that a part ends up invisible (tiny object).
-    variants = _object_variants(classes, label)
-    discriminative = dict(zip(CLASS_SLOTS, discriminative_slots(classes)))
+
+def _place_object(rng, options: SynthOptions, variants, height: int, width: int):
+    """(nominal box, part label map, visible extent per part); resampled in the rare case that a part
+    ends up invisible (a tiny object)."""
     for _attempt in range(20):
         object_box = _random_box(rng, width, height, options.object_scale, options.aspect_range)
         facing_right = bool(rng.integers(2))
         part_map = np.zeros((height, width), np.uint8)
-        draws = list(_object_parts(object_box, facing_right, variants))
-        for name, shape, colour, cx, cy, rx, ry in draws:
+        for name, shape, _colour, cx, cy, rx, ry in _object_parts(object_box, facing_right, variants):
             part_map[_shape_mask(shape, cx, cy, rx, ry, height, width)] = PART_NAMES.index(name) + 1
         part_boxes = [_extent(part_map == j + 1) for j in range(len(PART_NAMES))]
         if all(b is not None for b in part_boxes):
-            break
-    else:
-        raise RuntimeError("could not place an object with every part visible; raise object_scale")
+            return object_box, part_map, part_boxes
+    raise RuntimeError("could not place an object with every part visible; raise object_scale")
+
+
+def _draw_distractors(canvas, rng, options: SynthOptions, variants, object_box, texture_colours) -> None:
+    """Loose parts and bodies carrying one part, in the variants' shapes and colours, never touching
+    the object (so its mask stays exact and its part configuration unique)."""
+    height, width = canvas.shape[:2]
+    count = int(rng.integers(1, options.distractors + 1)) if options.distractors else 0
+    for _ in range(count):
+        if rng.uniform() < options.partial_fraction:
+            small = (options.object_scale[0] * 0.8, options.object_scale[1] * 0.8)
+            box = _random_box(rng, width, height, small, options.aspect_range)
+            if _overlaps(box, object_box, margin=3):
+                continue
+            slot = CLASS_SLOTS[rng.integers(len(CLASS_SLOTS))]
+            carried = {slot: VARIANTS[slot][rng.integers(len(VARIANTS[slot]))]}
+            drawn = {"body", slot, "legs"} if rng.uniform() < 0.5 else {"body", slot}
+            # The other slots' variants are needed by _object_parts but not drawn.
+            parts = _object_parts(box, bool(rng.integers(2)), {**variants, **carried})
+            for name, shape, colour, cx, cy, rx, ry in parts:
+                if name in drawn:
+                    _paint(canvas, _shape_mask(shape, cx, cy, rx, ry, height, width), rng, colour or texture_colours)
+        else:
+            slot = CLASS_SLOTS[rng.integers(len(CLASS_SLOTS))]
+            shape, colour = VARIANTS[slot][rng.integers(len(VARIANTS[slot]))]
+            rx = PART_FRAMES[slot][2] * object_box[2] * rng.uniform(0.7, 1.3)  # sized like the object's parts
+            ry = PART_FRAMES[slot][3] * object_box[3] * rng.uniform(0.7, 1.3)
+            box = (rng.uniform(0, width - 2 * rx), rng.uniform(0, height - 2 * ry), 2 * rx, 2 * ry)
+            if _overlaps(box, object_box, margin=3):
+                continue
+            _paint(canvas, _shape_mask(shape, box[0] + rx, box[1] + ry, rx, ry, height, width), rng, colour)
+
+
+def render_scene(options: SynthOptions, classes: list[tuple[int, ...]], label: int, rng: np.random.Generator) -> Scene:
+    """Draw one image of class ``label`` with its ground truth; all randomness comes from ``rng``."""
+    jitter = options.size_jitter
+    width = int(round(options.image_size * rng.uniform(1 - jitter, 1 + jitter)))
+    height = int(round(options.image_size * rng.uniform(1 - jitter, 1 + jitter)))
+    canvas = np.empty((height, width, 3), np.float32)
+    texture_colours = _texture_colours(classes)
+    _draw_background(canvas, rng, options, texture_colours)
+
+    variants = _object_variants(classes, label)
+    object_box, part_map, part_boxes = _place_object(rng, options, variants, height, width)
     body_texture = _texture(rng, height, width, texture_colours)
     for j, name in enumerate(PART_NAMES):
         visible = part_map == j + 1
@@ -370,40 +409,17 @@ def render_scene(options: SynthOptions, classes: list[tuple[int, ...]], label: i
             canvas[visible] = PALETTE[LEG_COLOUR]
         else:
             canvas[visible] = PALETTE[variants[name][1]]
-    object_mask = part_map > 0
-
-    # Distractors: loose parts and bodies with a single part, in the classes' shapes and colours,
-    # never touching the object (so its mask stays exact and its configuration unique).
-    count = int(rng.integers(1, options.distractors + 1)) if options.distractors else 0
-    for _ in range(count):
-        if rng.uniform() < options.partial_fraction:
-            small = (options.object_scale[0] * 0.8, options.object_scale[1] * 0.8)
-            box = _random_box(rng, width, height, small, options.aspect_range)
-            if _overlaps(box, object_box, margin=3):
-                continue
-            slot = CLASS_SLOTS[rng.integers(len(CLASS_SLOTS))]
-            partial = {slot: VARIANTS[slot][rng.integers(len(VARIANTS[slot]))]}
-            drawn = {"body", slot, "legs"} if rng.uniform() < 0.5 else {"body", slot}
-            for name, shape, colour, cx, cy, rx, ry in _object_parts(box, bool(rng.integers(2)), {**variants, **partial}):
-                if name in drawn:
-                    _paint(canvas, _shape_mask(shape, cx, cy, rx, ry, height, width), rng, colour or texture_colours)
-        else:
-            slot = CLASS_SLOTS[rng.integers(len(CLASS_SLOTS))]
-            shape, colour = VARIANTS[slot][rng.integers(len(VARIANTS[slot]))]
-            bw, bh = object_box[2], object_box[3]
-            rx = PART_FRAMES[slot][2] * bw * rng.uniform(0.7, 1.3)
-            ry = PART_FRAMES[slot][3] * bh * rng.uniform(0.7, 1.3)
-            box = (rng.uniform(0, width - 2 * rx), rng.uniform(0, height - 2 * ry), 2 * rx, 2 * ry)
-            if _overlaps(box, object_box, margin=3):
-                continue
-            _paint(canvas, _shape_mask(shape, box[0] + rx, box[1] + ry, rx, ry, height, width), rng, colour)
+    _draw_distractors(canvas, rng, options, variants, object_box, texture_colours)
 
     if options.noise:
         canvas += rng.integers(-options.noise, options.noise + 1, size=canvas.shape).astype(np.float32)
     image = np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
+    object_mask = part_map > 0
+    # The ignore band: 2 pixels around the object, where JPEG mixes object and background.
     ignore = cv2.dilate(object_mask.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool) & ~object_mask
-    names_discriminative = [discriminative.get(name, False) for name in PART_NAMES]
-    return Scene(image, object_mask, ignore, part_map, _extent(object_mask), part_boxes, names_discriminative)
+    discriminative = dict(zip(CLASS_SLOTS, discriminative_slots(classes)))
+    part_flags = [discriminative.get(name, False) for name in PART_NAMES]
+    return Scene(image, object_mask, ignore, part_map, _extent(object_mask), part_boxes, part_flags)
 
 
 # ----------------------------------------------------------------------------------------------------
