@@ -370,20 +370,22 @@ def test_bad_image_stops_conversion_and_leaves_nothing(tmp_path):
     assert leftovers(out) == []  # no .beton, no sidecar, no temporary file or report folder
 
 
-def test_crashed_worker_stops_conversion(tmp_path, monkeypatch):
+@pytest.mark.parametrize("death", ["exit", "kill"])
+def test_crashed_worker_stops_conversion(tmp_path, monkeypatch, death):
     rng = np.random.default_rng(7)
     files = [(f"im{i}.jpg", encode(smooth_image(rng, 32, 32)), 0, (32, 32)) for i in range(6)]
     split = write_split(tmp_path, "CRASH", "val", files)
     real_load = F.load_rgb
 
     def dying_load(path, *args, **kwargs):
-        if Path(path).name == "im3.jpg":
-            os._exit(7)  # as if killed: no exception reaches anyone
+        if Path(path).name == "im3.jpg":  # as if killed, or crashed in native code: no exception at all
+            os._exit(7) if death == "exit" else os.kill(os.getpid(), signal.SIGKILL)
         return real_load(path, *args, **kwargs)
 
     monkeypatch.setattr(F, "load_rgb", dying_load)  # the forked workers inherit it
-    with pytest.raises(F.ConversionError, match="exit code 7"):
-        F.convert_split(split, tmp_path / "ffcv" / "CRASH_val.beton", num_workers=1)
+    expected = "exit code 7" if death == "exit" else "killed by SIGKILL"
+    with pytest.raises(F.ConversionError, match=expected):
+        F.convert_split(split, tmp_path / "ffcv" / "CRASH_val.beton", num_workers=2)
     assert leftovers(tmp_path / "ffcv") == []
 
 

@@ -228,19 +228,24 @@ class _SplitImages:
 
     _PLACEHOLDER = np.zeros((1, 1, 3), dtype=np.uint8)
 
-    def __init__(self, split: WSOLSplit, options: ConvertOptions, report_dir: Path, abort):
+    def __init__(self, split: WSOLSplit, options: ConvertOptions, report_dir: Path, worker_registry: Path, abort):
         self.paths = [str(split.image_path(i)) for i in range(len(split))]
         self.labels = split.labels
         self.expected_sizes = split.known_sizes
         self.sizes_file = split.metadata_dir / "image_sizes.txt"
         self.options = options
         self.report_dir = str(report_dir)
+        self.worker_registry = str(worker_registry)
         self.abort = abort
+        self._registered_pid = None  # each forked worker registers itself once, for the crash watch
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
+        if self._registered_pid != os.getpid():
+            self._registered_pid = os.getpid()
+            open(os.path.join(self.worker_registry, str(self._registered_pid)), "w").close()
         label = int(self.labels[i])
         if self.abort.is_set():
             return self._PLACEHOLDER, label, i
@@ -292,20 +297,19 @@ class _CrashWatch(threading.Thread):
     """Stops a conversion whose worker process died without a word (killed for memory, a native crash).
 
     FFCV's DatasetWriter polls its workers' progress counter until every sample is done, with no timeout,
-    so a dead worker would hang it forever. Workers are the child processes that appear after the
-    watch starts. On a death the watch signals the main thread (SIGUSR1) every 0.1 s until the main
-    thread calls :meth:`acknowledge`; the handler raises :class:`_WorkerCrashed` out of the writer, again
-    only if 2 s pass unacknowledged (the first exception may have landed where Python swallows
-    exceptions, in a finaliser say). Only possible from the main thread: elsewhere ``armed`` is False
-    and nothing is watched.
+    so a dead worker would hang it forever. Workers register their pid in ``registry`` on their first
+    image; the watch peeks at their exit status without reaping them (``waitid`` with ``WNOWAIT``, so
+    multiprocessing still can). On a death it signals the main thread (SIGUSR1) every 0.1 s until the
+    main thread calls :meth:`acknowledge`; the handler raises :class:`_WorkerCrashed` out of the writer,
+    again only if 2 s pass unacknowledged (an exception may land where Python swallows it, in a
+    finaliser say). Signals need the main thread: elsewhere ``armed`` is False and nothing is watched.
     """
 
-    def __init__(self):
+    def __init__(self, registry: Path):
         super().__init__(daemon=True)
-        self.armed = threading.current_thread() is threading.main_thread()
+        self.registry = registry
+        self.armed = threading.current_thread() is threading.main_thread() and hasattr(os, "waitid")
         self.crash: str | None = None
-        self.workers: dict[int, multiprocessing.Process] = {}
-        self._known = {p.pid for p in multiprocessing.active_children()}
         self._stopped = threading.Event()
         self._previous_handler = None
         self._acknowledged = False
@@ -341,21 +345,31 @@ class _CrashWatch(threading.Thread):
             if self.crash is not None and not self._acknowledged:
                 signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
 
+    def worker_pids(self) -> list[int]:
+        return [int(name) for name in os.listdir(self.registry)]
+
     def _find_dead_worker(self) -> str | None:
-        for process in multiprocessing.active_children():
-            if process.pid not in self._known:
-                self.workers.setdefault(process.pid, process)
-        for process in self.workers.values():
-            if process.exitcode not in (None, 0):
-                return f"a conversion worker (pid {process.pid}) died with exit code {process.exitcode}"
+        for pid in self.worker_pids():
+            try:
+                status = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                continue  # already reaped by multiprocessing: its exit code is not ours to see
+            if status is None or (status.si_code == os.CLD_EXITED and status.si_status == 0):
+                continue
+            if status.si_code == os.CLD_EXITED:
+                return f"a conversion worker (pid {pid}) died with exit code {status.si_status}"
+            return f"a conversion worker (pid {pid}) was killed by {signal.Signals(status.si_status).name}"
         return None
 
     def stop_workers(self) -> None:
-        for process in self.workers.values():
-            if process.is_alive():
-                process.terminate()
-        for process in self.workers.values():
-            process.join(timeout=5)
+        """Terminate the workers still running (they belong to a writer that will never finish)."""
+        for pid in self.worker_pids():
+            try:
+                if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+                    os.kill(pid, signal.SIGTERM)
+            except (ChildProcessError, ProcessLookupError):
+                continue
+        multiprocessing.active_children()  # reap them
 
 
 def _fingerprint(split: WSOLSplit) -> str:
@@ -451,14 +465,16 @@ def convert_split(
         "label": IntField(),
         "index": IntField(),
     }
-    source = _SplitImages(split, options, report_dir, abort)
+    worker_registry = report_dir / "workers"
+    worker_registry.mkdir()
+    source = _SplitImages(split, options, report_dir, worker_registry, abort)
     writer = DatasetWriter(str(partial), fields, page_size=_page_size(split, options), num_workers=num_workers)
     # Chunks small enough that every worker gets several, large enough to keep the queue short.
     chunk_size = max(1, min(100, len(split) // (4 * num_workers)))
     where = f"{split.dataset}/{split.split} ({split.metadata_dir})"
     start = time.perf_counter()
     try:
-        with _CrashWatch() as watch:
+        with _CrashWatch(worker_registry) as watch:
             try:
                 writer.from_indexed_dataset(source, chunksize=chunk_size)
             except _WorkerCrashed as crash:
@@ -642,8 +658,8 @@ def build_ffcv_loader(
 
     Training (``train=True``): ``recipe="reference"`` resizes the whole image to ``resize_size``²
     (aspect not kept), takes a random ``input_size``² crop and flips half the images (CALM.md §3);
-    ``recipe="rrc"`` is FFCV's RandomResizedCrop (scale 0.08–1, aspect 3/4–4/3) to ``input_size``²
-    plus a flip. Each epoch visits a permutation of all samples drawn from ``(seed, epoch)``; rank ``r``
+    ``recipe="rrc"`` is RandomResizedCrop as torchvision defines it (area 8–100 %, aspect 3/4–4/3)
+    to ``input_size``², plus the flip. Each epoch visits a permutation of all samples drawn from ``(seed, epoch)``; rank ``r``
     of ``world_size`` takes every ``world_size``-th sample of it, padded by repeating samples so all
     ranks have ``ceil(N / world_size)`` samples (the same number of steps); ``drop_last`` (default
     True) drops a final partial batch.
@@ -659,12 +675,10 @@ def build_ffcv_loader(
     then a cast when ``dtype`` differs.
     """
     from ffcv.fields.basics import IntDecoder
-    from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
     from ffcv.loader import Loader
-    from ffcv.transforms import (Convert, NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice,
-                                 ToTensor, ToTorchImage)
+    from ffcv.transforms import Convert, NormalizeImage, Squeeze, ToDevice, ToTensor, ToTorchImage
 
-    from calm_fast.data.ffcv_ops import NormalizeOnDevice, ShardedOrder, SquashResizeDecoder
+    from calm_fast.data.ffcv_ops import NormalizeOnDevice, ShardedOrder, WSOLImageDecoder
 
     beton_path = Path(beton_path)
     if not beton_path.is_file():
@@ -682,23 +696,18 @@ def build_ffcv_loader(
     _check_fields(beton_path)
     num_workers = _cap_threads(num_workers)
 
-    if not train:
-        decoder = [SquashResizeDecoder(input_size)]
-    elif recipe == "reference":
-        decoder = [SquashResizeDecoder(resize_size, crop_size=input_size)]
-    else:
-        decoder = [RandomResizedCropRGBImageDecoder((input_size, input_size)), RandomHorizontalFlip()]
+    decoder = WSOLImageDecoder("eval" if not train else recipe, input_size, resize_size)
     mean = np.array(IMAGENET_MEAN) * 255
     std = np.array(IMAGENET_STD) * 255
     if device.type == "cuda":
         # ToTorchImage(channels_last=False) would allocate its copy on the CPU: permute only, and let the
         # normalisation write the requested memory format on the device.
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        image_pipeline = [*decoder, ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(True),
+        image_pipeline = [decoder, ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(True),
                           NormalizeOnDevice(mean, std, dtype, memory_format)]
         label_pipeline = [IntDecoder(), ToTensor(), Squeeze(1), ToDevice(device, non_blocking=True)]
     else:
-        image_pipeline = [*decoder, NormalizeImage(mean, std, np.float32), ToTensor(), ToTorchImage(channels_last)]
+        image_pipeline = [decoder, NormalizeImage(mean, std, np.float32), ToTensor(), ToTorchImage(channels_last)]
         if dtype != torch.float32:
             image_pipeline.append(Convert(dtype))
         label_pipeline = [IntDecoder(), ToTensor(), Squeeze(1)]

@@ -18,73 +18,112 @@ from ffcv.pipeline.operation import Operation
 from ffcv.pipeline.state import State
 from ffcv.traversal_order.base import TraversalOrder
 
-__all__ = ["SquashResizeDecoder", "NormalizeOnDevice", "ShardedOrder", "shard_order"]
+__all__ = ["WSOLImageDecoder", "NormalizeOnDevice", "ShardedOrder", "shard_order"]
 
 
-class SquashResizeDecoder(SimpleRGBImageDecoder):
-    """Decode an ``RGBImageField`` and resize the whole image to a square, aspect not kept.
+DECODER_MODES = ("eval", "reference", "rrc")
 
-    Evaluation (``crop_size=None``): resize straight to ``resize_size``², as the WSOL metrics assume.
-    Training (``crop_size=S``): resize to ``resize_size``², then a uniformly random ``S``×``S`` crop,
-    mirrored left-right with probability 1/2 (the reference recipe of CALM.md §3). The resize is OpenCV's
-    INTER_AREA (FFCV's ``resize_crop``). Output: uint8 ``[B, S, S, 3]`` RGB. It subclasses FFCV's simple
-    decoder only so that FFCV takes it as the field's decoder (it checks the type).
 
-    The crop and flip are drawn from numba's per-thread generators, which FFCV does not seed: they are not
+class WSOLImageDecoder(SimpleRGBImageDecoder):
+    """Decode an ``RGBImageField`` into ``output_size``² uint8 RGB images ``[B, S, S, 3]``, one of three ways.
+
+    ``"eval"``: the whole image resized straight to S², aspect not kept, as the WSOL metrics assume.
+    ``"reference"``: the whole image resized to ``resize_size``² (aspect not kept), a uniformly random S²
+    crop of it, mirrored left-right with probability 1/2 (the reference recipe of CALM.md §3).
+    ``"rrc"``: RandomResizedCrop as torchvision defines it (area fraction in ``scale``, log-uniform
+    aspect in ``ratio``, 10 tries, else the central crop clamped to ``ratio``) resized to S², mirrored
+    with probability 1/2.
+    Resizing is OpenCV's INTER_AREA through FFCV's native library, called via ctypes directly: FFCV's
+    own decoders wrap it in fresh numba dispatchers per loader, which numba then fails to free cleanly
+    ("Exception ignored ... KeyError"). It subclasses FFCV's simple decoder only because FFCV recognises
+    a field's decoder by type.
+
+    Crops and flips come from numba's per-thread generators, which FFCV does not seed: they are not
     reproducible from run to run (the sample order is).
     """
 
-    def __init__(self, resize_size: int, crop_size: int | None = None):
+    def __init__(self, mode: str, output_size: int, resize_size: int | None = None,
+                 scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)):
         super().__init__()
-        self.resize_size = int(resize_size)
-        self.crop_size = None if crop_size is None else int(crop_size)
+        if mode not in DECODER_MODES:
+            raise ValueError(f"mode must be one of {DECODER_MODES}, got {mode!r}")
+        if mode == "reference" and (resize_size is None or resize_size < output_size):
+            raise ValueError(f"resize_size ({resize_size}) must be >= output_size ({output_size})")
+        self.mode = mode
+        self.output_size = int(output_size)
+        self.resize_size = int(resize_size) if mode == "reference" else self.output_size
+        self.scale = (float(scale[0]), float(scale[1]))
+        self.ratio = (float(ratio[0]), float(ratio[1]))
 
     def declare_state_and_memory(self, previous_state: State):
-        out_side = self.resize_size if self.crop_size is None else self.crop_size
+        side = self.output_size
         max_pixels = np.uint64(self.metadata["width"].max()) * np.uint64(self.metadata["height"].max())
-        output = AllocationQuery((out_side, out_side, 3), np.dtype("u1"))
+        output = AllocationQuery((side, side, 3), np.dtype("u1"))
         decoded = AllocationQuery((max_pixels * np.uint64(3),), np.dtype("u1"))
-        # Evaluation never uses the square buffer; one pixel keeps the allocation tuple uniform.
-        square_side = self.resize_size if self.crop_size is not None else 1
+        # The resized image before cropping or flipping; evaluation resizes into the output directly.
+        square_side = 1 if self.mode == "eval" else self.resize_size
         square = AllocationQuery((square_side, square_side, 3), np.dtype("u1"))
-        state = replace(previous_state, jit_mode=True, shape=(out_side, out_side, 3), dtype=np.dtype("u1"))
+        state = replace(previous_state, jit_mode=True, shape=(side, side, 3), dtype=np.dtype("u1"))
         return state, (output, decoded, square)
 
     def generate_code(self):
         memory_read = self.memory_read
         parallel_range = Compiler.get_iterator()
-        # FFCV's native functions are called through ctypes directly: wrapping them in a numba dispatcher
-        # per loader (as FFCV's decoders do) makes numba report KeyErrors when those dispatchers are freed.
         decode_jpeg, resize = ctypes_imdecode, ctypes_resize
         jpeg_mode = IMAGE_MODES["jpg"]
-        resize_size = self.resize_size
-        crop_size = -1 if self.crop_size is None else self.crop_size
-        random_crop = self.crop_size is not None
+        evaluation, rrc = self.mode == "eval", self.mode == "rrc"
+        size, resize_size = self.output_size, self.resize_size
+        scale_low, scale_high = self.scale
+        log_ratio_low, log_ratio_high = np.log(self.ratio[0]), np.log(self.ratio[1])
+        ratio_low, ratio_high = self.ratio
 
         def decode(batch_indices, storage, metadata, storage_state):
             output, decoded, square = storage
             for k in parallel_range(len(batch_indices)):
                 field = metadata[batch_indices[k]]
                 data = memory_read(field["data_ptr"], storage_state)
-                height = np.uint32(field["height"])
-                width = np.uint32(field["width"])
+                height = np.int64(field["height"])
+                width = np.int64(field["width"])
                 if field["mode"] == jpeg_mode:
                     buffer = decoded[k]
-                    # source, its size, its height and width, destination, crop height and width, crop
-                    # offsets, scale numerator and denominator, crop?, flip?
+                    # source, its size, height, width, destination, crop height and width, crop offsets,
+                    # scale numerator and denominator, crop?, flip?
                     decode_jpeg(data.ctypes.data, data.size, height, width, buffer.ctypes.data,
                                 height, width, 0, 0, 1, 1, False, False)
                     image = buffer[: 3 * height * width].reshape(height, width, 3)
                 else:
                     image = data.reshape(height, width, 3)
-                # resize(0, source, its rows and columns, source row range, column range, target, its size)
-                target = square[k] if random_crop else output[k]
-                resize(0, image.ctypes.data, height, width, 0, height, 0, width,
+
+                # The source window to resize: the whole image, or a RandomResizedCrop window.
+                top, left, rows, cols = 0, 0, height, width
+                if rrc:
+                    found = False
+                    for _ in range(10):
+                        area = height * width * np.random.uniform(scale_low, scale_high)
+                        aspect = np.exp(np.random.uniform(log_ratio_low, log_ratio_high))
+                        cols = int(round(np.sqrt(area * aspect)))
+                        rows = int(round(np.sqrt(area / aspect)))
+                        if 0 < cols <= width and 0 < rows <= height:
+                            top = np.random.randint(0, height - rows + 1)
+                            left = np.random.randint(0, width - cols + 1)
+                            found = True
+                            break
+                    if not found:
+                        rows, cols = height, width
+                        if width / height < ratio_low:
+                            rows = int(round(width / ratio_low))
+                        elif width / height > ratio_high:
+                            cols = int(round(height * ratio_high))
+                        top, left = (height - rows) // 2, (width - cols) // 2
+
+                # resize(0, source, its rows and columns, row range, column range, target, its size)
+                target = output[k] if evaluation else square[k]
+                resize(0, image.ctypes.data, height, width, top, top + rows, left, left + cols,
                        target.ctypes.data, target.shape[0], target.shape[1])
-                if random_crop:
-                    top = np.random.randint(0, resize_size - crop_size + 1)
-                    left = np.random.randint(0, resize_size - crop_size + 1)
-                    window = square[k, top : top + crop_size, left : left + crop_size]
+                if not evaluation:
+                    y = np.random.randint(0, resize_size - size + 1)
+                    x = np.random.randint(0, resize_size - size + 1)
+                    window = square[k, y : y + size, x : x + size]
                     if np.random.rand() < 0.5:
                         output[k] = window[:, ::-1]
                     else:
