@@ -1,0 +1,89 @@
+"""Training throughput on this node: images/s of `calm-fast train` on 1 rank against N ranks, one run.
+
+Each setting trains the same config for the same number of optimizer steps in a fresh run folder, as a
+child process (N ranks under torchrun, the threads of the machine split evenly between ranks), and reads
+the median images/s the loop logged (checkpointing, validation and start-up not counted). The ratio
+N-ranks / 1-rank is the scaling on one node. A small synthetic dataset is generated once under --data.
+
+    python -m calm_fast.cli bench train --ranks 1 2 --steps 60 --out runs/bench/train.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", default="configs/synthetic.toml", help="experiment config to train")
+    parser.add_argument("--data", default="runs/bench/data", help="data root (a synthetic set is made if absent)")
+    parser.add_argument("--ranks", nargs="+", type=int, default=[1, 2], help="rank counts to compare")
+    parser.add_argument("--steps", type=int, default=60, help="optimizer steps per setting")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per setting; the median is reported")
+    parser.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides")
+    parser.add_argument("--out", default=None, help="write the results as JSON to this file")
+
+
+def _ensure_data(root: Path, dataset: str) -> None:
+    if (root / "metadata" / dataset / "synthetic.json").exists():
+        return
+    from calm_fast.data.synthetic import generate
+
+    generate(root, name=dataset, sizes={"train": 2048, "val": 64, "test": 64})
+
+
+def _train_once(args, ranks: int, work: Path) -> float:
+    run_dir = work / f"ranks{ranks}-{len(list(work.iterdir()))}"
+    overrides = [*args.overrides, f"data.root={args.data}", f"run_dir={run_dir}", f"train.max_steps={args.steps}",
+                 "train.val_every=0", "train.checkpoint_every=0", "train.export=false", "train.progress=false",
+                 "train.log_every=5"]
+    threads = max(1, (os.cpu_count() or 1) // ranks)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    command = [sys.executable, "-m", "calm_fast.cli", "train", "-c", args.config, *overrides]
+    if ranks > 1:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
+                   "-m", "calm_fast.cli", "train", "-c", args.config, *overrides]
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"bench train: {ranks} rank(s) failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return float(summary["images_per_s_median"])
+
+
+def main(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from calm_fast.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    _ensure_data(Path(args.data), cfg.data.dataset)
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="calm-fast-bench-train-") as tmp:
+        for ranks in args.ranks:
+            rates = [_train_once(args, ranks, Path(tmp)) for _ in range(args.repeats)]
+            results[ranks] = {"images_per_s": statistics.median(rates), "runs": rates}
+    base = results[args.ranks[0]]["images_per_s"]
+    table = Table(title=f"training throughput ({cfg.model.backbone}, {cfg.data.input_size}px, "
+                        f"{cfg.train.precision}, global batch {cfg.data.batch_size}, {args.steps} steps)")
+    for column in ("ranks", "threads/rank", "images/s (median)", f"ratio vs {args.ranks[0]} rank(s)"):
+        table.add_column(column, justify="right")
+    for ranks, entry in results.items():
+        entry["ratio"] = entry["images_per_s"] / base
+        table.add_row(str(ranks), str(max(1, (os.cpu_count() or 1) // ranks)), f"{entry['images_per_s']:.1f}",
+                      f"{entry['ratio']:.2f}")
+    Console().print(table)
+    if args.out:
+        from calm_fast.report import write_json
+
+        write_json(args.out, {"backbone": cfg.model.backbone, "input_size": cfg.data.input_size,
+                              "precision": cfg.train.precision, "global_batch": cfg.data.batch_size,
+                              "steps": args.steps, "cpu_count": os.cpu_count(),
+                              "results": {str(k): v for k, v in results.items()}})
+    return 0
