@@ -34,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--minutes", type=float, default=None,
                         help="training budget of each model (default: the config's train.max_minutes)")
     parser.add_argument("--retrain", action="store_true", help="train again even if the runs have a model.pt")
+    parser.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE",
+                        help="config overrides for both runs and the evaluation, e.g. data.batch_size=64")
 
 
 def _cli(*argv: str, env: dict[str, str] | None = None, log: Path | None = None) -> subprocess.Popen:
@@ -117,9 +119,9 @@ def _headline(results: dict, map_name: str) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, [f"data.root={args.data}"])
+    overrides = [*args.overrides, f"data.root={args.data}"]
+    cfg = load_config(args.config, overrides)
     run_root = Path(args.run)
-    overrides = [f"data.root={args.data}"]
     if args.minutes is not None:
         overrides.append(f"train.max_minutes={args.minutes}")
     started = time.perf_counter()

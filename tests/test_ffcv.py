@@ -321,6 +321,28 @@ def test_rrc_recipe_in_bfloat16_normalises_exactly(raw_set):
     torch.testing.assert_close(flat, expected.bfloat16().float(), rtol=0, atol=0)
 
 
+def test_accelerator_path_normalises_like_the_cpu_path(raw_set):
+    """The CUDA pipeline (uint8 decode, then NormalizeOnDevice) run on the CPU against the fused CPU path."""
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import ToTensor, ToTorchImage
+
+    from calm_fast.data.ffcv_ops import NormalizeOnDevice, WSOLImageDecoder
+
+    _, originals, beton = raw_set
+    mean, std = MEAN * 255, STD * 255
+    pipeline = [WSOLImageDecoder("eval", 24), ToTensor(), ToTorchImage(True),
+                NormalizeOnDevice(mean, std, torch.float32, torch.contiguous_format)]
+    loader = Loader(str(beton), batch_size=RAW_COUNT, num_workers=1, order=OrderOption.SEQUENTIAL,
+                    drop_last=False, pipelines={"image": pipeline, "label": None, "index": None})
+    (device_images,) = next(iter(loader))
+    cpu_images, _, _ = next(iter(F.build_ffcv_loader(beton, train=False, input_size=24, batch_size=RAW_COUNT,
+                                                     num_workers=1)))
+    assert device_images.is_contiguous() and device_images.dtype == torch.float32
+    torch.testing.assert_close(device_images, cpu_images, rtol=0, atol=1e-5)
+    expected = (area_resize(originals[5], 24) / 255 - MEAN) / STD  # independent of both paths
+    np.testing.assert_allclose(device_images[5].permute(1, 2, 0).numpy(), expected, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Real-data problems through a whole conversion
 
@@ -426,7 +448,7 @@ def test_killed_conversion_leaves_no_complete_beton(tmp_path):
 
     summary = F.ensure_beton(split, tmp_path / "ffcv", num_workers=1)  # starts afresh, cleans the leftovers
     assert not summary.skipped and summary.num_images == 8
-    assert [p.name for p in beton.parent.iterdir() if ".partial" in p.name] == []
+    assert leftovers(beton.parent) == sorted([beton.name, beton.name + ".json"])  # temporaries cleaned
     from ffcv.reader import Reader
 
     reader = Reader(str(beton))
@@ -458,6 +480,7 @@ def test_loader_arguments_are_checked(tmp_path, raw_set):
             F.build_ffcv_loader(beton, **{"train": False, **kwargs})
     with pytest.raises(ValueError, match="jpeg_quality"):
         F.ConvertOptions(jpeg_quality=0).validate()
+    assert cli_main(["convert", "--data-root", str(tmp_path), "--dataset", "NOPE"]) == 2  # no such metadata
 
 
 @pytest.mark.parametrize("size,world_size", [(10, 1), (10, 3), (7, 4), (3, 5)])

@@ -3,25 +3,31 @@
 Each sample holds the image, its class label and its index in the split's metadata, so that boxes,
 masks, parts and original image sizes stay addressable for evaluation (``WSOLSplit`` by index).
 
-Storage. Images keep their aspect ratio; those larger than --max-resolution (longest side) are
-shrunk with PIL's antialiased bilinear filter, as torchvision's Resize does (JPEG files are first
-decoded at a reduced DCT scale where that stays above the target). Evaluation resizes the whole image to the input size anyway, so box rescaling only
-needs the original sizes from the metadata, not the stored ones. The loaders resize the whole image to a
-square at load time (aspect not kept), so one file serves every input size and both training recipes.
+Storage. Images keep their aspect ratio; those larger than --max-resolution (longest side, default
+512) are shrunk with PIL's antialiased bilinear filter, as torchvision's Resize does (JPEG files are
+first decoded at a reduced DCT scale where that stays above the target). The loaders resize the whole
+image to a square when loading (aspect not kept), so one file serves every input size and both
+training recipes, and box rescaling needs only the original sizes from the metadata.
 
 Real-data problems (DATA.md), each counted in the summary and in the JSON sidecar next to the .beton:
-  grayscale, CMYK, palette, alpha  converted to RGB exactly as PIL's convert("RGB") does (the reference
-                                   loader's view)
-  PNG (or other) named .jpg        decoded by content; counted
-  EXIF orientation                 ignored (counted): boxes are in the stored pixel frame
-  larger than --max-resolution     shrunk (counted)
-  truncated or corrupt file        error naming the file, or with --allow-truncated the missing part is
-                                   filled with grey by PIL and the image counted
+  grayscale, CMYK, palette, alpha  converted to RGB as PIL's convert("RGB") does (the reference's and
+                                   the torch loader's view)
+  PNG (or other) named .jpg        decoded by its content
+  EXIF orientation                 ignored: boxes are in the stored pixel frame (as in the torch loader)
+  larger than --max-resolution     shrunk
+  truncated file                   error naming the file; with --allow-truncated PIL fills the missing
+                                   part with grey
   missing file, unreadable format, 16-bit or float pixels, size different from image_sizes.txt
                                    error naming the file
-The first error stops the conversion. Output is atomic: the .beton is written under a hidden temporary
-name in the same folder and renamed when complete, then its sidecar is written; a split counts as
-converted only when both exist and match the metadata and options.
+The first error stops the conversion (no file is written). Output is atomic: the .beton is written under
+a hidden temporary name in the same folder and renamed when complete, then its sidecar
+(``<name>.beton.json``: options, metadata fingerprint, counts); a split counts as converted only when
+both exist and match its metadata and the options.
+
+Loading: ``build_ffcv_loader`` (FFCV's Loader with calm-fast's decoder, sharding and normalisation)
+yields the same ``(images, labels, indices)`` as ``calm_fast.data.torch_loader``, the plain-PyTorch
+fallback that reads the original image files when there is no .beton or no FFCV
+(``resolve_loader_kind``).
 """
 
 from __future__ import annotations
@@ -35,7 +41,6 @@ import multiprocessing
 import os
 import shutil
 import signal
-import tempfile
 import threading
 import time
 import warnings
@@ -67,9 +72,11 @@ __all__ = [
     "convert_split",
     "ensure_beton",
     "ffcv_available",
+    "is_up_to_date",
     "load_rgb",
     "read_beton_info",
     "resolve_loader_kind",
+    "sidecar_path",
     "add_arguments",
     "main",
 ]
@@ -253,7 +260,8 @@ class _SplitImages:
             pixels, repairs, size = load_rgb(self.paths[i], self.options.max_resolution, self.options.allow_truncated)
             self._check_size(i, size)
         except Exception as error:  # any failure must reach the main process, not kill the worker
-            message = str(error) if isinstance(error, ImageProblem) else f"{self.paths[i]}: {type(error).__name__}: {error}"
+            message = str(error) if isinstance(error, ImageProblem) else \
+                f"{self.paths[i]}: {type(error).__name__}: {error}"
             self._report({"index": int(i), "error": message})
             self.abort.set()
             return self._PLACEHOLDER, label, i
@@ -416,13 +424,18 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def _remove_stale_partials(beton_path: Path) -> None:
-    """Remove temporary files of this .beton left by conversions that were killed (their process is gone)."""
-    for partial in beton_path.parent.glob(f".{beton_path.name}*.partial-*"):
+    """Remove the temporary files and report folders of this .beton left by conversions that were killed.
+
+    They are named ``.<name>...-<pid>``; those whose process is gone are removed.
+    """
+    for leftover in beton_path.parent.glob(f".{beton_path.name}*-*"):
         try:
-            pid = int(partial.name.rsplit("-", 1)[1])
-            os.kill(pid, 0)
+            os.kill(int(leftover.name.rsplit("-", 1)[1]), 0)
         except ProcessLookupError:
-            partial.unlink(missing_ok=True)
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
         except (ValueError, PermissionError):
             continue
 
@@ -456,7 +469,9 @@ def convert_split(
     beton_path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(beton_path)
     partial = beton_path.with_name(f".{beton_path.name}.partial-{os.getpid()}")
-    report_dir = Path(tempfile.mkdtemp(prefix=f".{beton_path.name}.reports-", dir=beton_path.parent))
+    report_dir = beton_path.with_name(f".{beton_path.name}.reports-{os.getpid()}")
+    shutil.rmtree(report_dir, ignore_errors=True)
+    report_dir.mkdir()
     abort = multiprocessing.get_context().Event()
     fields = {
         "image": RGBImageField(write_mode=options.write_mode, max_resolution=None,
@@ -488,6 +503,8 @@ def convert_split(
             index, message = errors[0]
             more = f"; {len(errors) - 1} more bad image(s) met before stopping" if len(errors) > 1 else ""
             raise ConversionError(f"{message} [sample {index} of {where}{more}]")
+        # An older sidecar must never describe the new file, even if we are killed right after the rename.
+        sidecar_path(beton_path).unlink(missing_ok=True)
         os.replace(partial, beton_path)
     finally:
         partial.unlink(missing_ok=True)
@@ -576,7 +593,8 @@ def resolve_loader_kind(kind: str, beton_paths: list[str | Path]) -> str:
     if kind == "auto":
         return "ffcv" if ffcv_available() and not missing else "torch"
     if not ffcv_available():
-        raise RuntimeError("data.loader='ffcv' but FFCV does not import (pip install ffcv; needs libturbojpeg, OpenCV)")
+        raise RuntimeError("data.loader='ffcv' but FFCV does not import "
+                           "(pip install ffcv; it needs libturbojpeg and OpenCV)")
     if missing:
         raise FileNotFoundError(f"data.loader='ffcv' but {missing[0]} does not exist: run `calm-fast convert` first")
     return "ffcv"
@@ -598,17 +616,21 @@ class FFCVLoader:
         self.batch_size = batch_size
 
     def __len__(self) -> int:
+        """Batches in a full epoch of this rank (also when the next epoch skips some)."""
         return len(self._loader)
 
     def __iter__(self):
         epoch_iterator = iter(self._loader)
-        while True:
-            _wait_for_batch(epoch_iterator)
-            try:
-                batch = next(epoch_iterator)
-            except StopIteration:
-                return
-            yield batch
+        try:
+            while True:
+                _wait_for_batch(epoch_iterator)
+                try:
+                    batch = next(epoch_iterator)
+                except StopIteration:
+                    return
+                yield batch
+        finally:
+            epoch_iterator.close()  # stops FFCV's loading thread when the consumer leaves early
 
     @property
     def epoch(self) -> int:
@@ -659,10 +681,11 @@ def build_ffcv_loader(
     Training (``train=True``): ``recipe="reference"`` resizes the whole image to ``resize_size``²
     (aspect not kept), takes a random ``input_size``² crop and flips half the images (CALM.md §3);
     ``recipe="rrc"`` is RandomResizedCrop as torchvision defines it (area 8–100 %, aspect 3/4–4/3)
-    to ``input_size``², plus the flip. Each epoch visits a permutation of all samples drawn from ``(seed, epoch)``; rank ``r``
-    of ``world_size`` takes every ``world_size``-th sample of it, padded by repeating samples so all
-    ranks have ``ceil(N / world_size)`` samples (the same number of steps); ``drop_last`` (default
-    True) drops a final partial batch.
+    to ``input_size``², plus the flip. Each epoch visits a permutation of all samples drawn from
+    ``(seed, epoch)``; rank ``r`` of ``world_size`` takes every ``world_size``-th sample of it, padded
+    by repeating samples so all ranks have ``ceil(N / world_size)`` samples (the same number of
+    steps); ``drop_last`` (default True) drops a final partial batch. ``FFCVLoader.set_epoch`` picks
+    the epoch and can skip its first batches when resuming.
     Evaluation (``train=False``): the whole image resized to ``input_size``², in index order; rank
     ``r`` takes samples ``r, r + world_size, ...``: every sample exactly once across ranks, no padding;
     ``drop_last=True`` is refused. ``resize_size`` and ``recipe`` are ignored.
@@ -671,12 +694,12 @@ def build_ffcv_loader(
 
     ``num_workers`` is FFCV's thread count (numba and, as a side effect of FFCV, torch's intra-op
     threads), capped at the threads numba may use. On a CUDA ``device`` the uint8 batch is copied
-    asynchronously and normalised there; on the CPU normalisation is FFCV's table lookup to fp32,
-    then a cast when ``dtype`` differs.
+    asynchronously and normalised there; on the CPU the decoder writes normalised fp32 (then a cast when
+    ``dtype`` differs).
     """
     from ffcv.fields.basics import IntDecoder
     from ffcv.loader import Loader
-    from ffcv.transforms import Convert, NormalizeImage, Squeeze, ToDevice, ToTensor, ToTorchImage
+    from ffcv.transforms import Convert, Squeeze, ToDevice, ToTensor, ToTorchImage
 
     from calm_fast.data.ffcv_ops import NormalizeOnDevice, ShardedOrder, WSOLImageDecoder
 
@@ -696,10 +719,11 @@ def build_ffcv_loader(
     _check_fields(beton_path)
     num_workers = _cap_threads(num_workers)
 
-    decoder = WSOLImageDecoder("eval" if not train else recipe, input_size, resize_size)
+    mode = recipe if train else "eval"
     mean = np.array(IMAGENET_MEAN) * 255
     std = np.array(IMAGENET_STD) * 255
     if device.type == "cuda":
+        decoder = WSOLImageDecoder(mode, input_size, resize_size)
         # ToTorchImage(channels_last=False) would allocate its copy on the CPU: permute only, and let the
         # normalisation write the requested memory format on the device.
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -707,7 +731,8 @@ def build_ffcv_loader(
                           NormalizeOnDevice(mean, std, dtype, memory_format)]
         label_pipeline = [IntDecoder(), ToTensor(), Squeeze(1), ToDevice(device, non_blocking=True)]
     else:
-        image_pipeline = [decoder, NormalizeImage(mean, std, np.float32), ToTensor(), ToTorchImage(channels_last)]
+        decoder = WSOLImageDecoder(mode, input_size, resize_size, mean=mean, std=std)  # normalises too
+        image_pipeline = [decoder, ToTensor(), ToTorchImage(channels_last)]
         if dtype != torch.float32:
             image_pipeline.append(Convert(dtype))
         label_pipeline = [IntDecoder(), ToTensor(), Squeeze(1)]
@@ -776,12 +801,14 @@ def _cap_threads(num_workers: int) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-root", default="data", help="folder holding metadata/ and the image roots (default: data)")
+    parser.add_argument("--data-root", default="data",
+                        help="folder holding metadata/ and the image roots (default: data)")
     parser.add_argument("--dataset", default="SYNTH", help="dataset name under <metadata-root> (default: SYNTH)")
     parser.add_argument("--split", action="append", choices=SPLITS, dest="splits",
                         help="split to convert; repeat for several (default: every split with metadata)")
     parser.add_argument("--metadata-root", help="default: <data-root>/metadata")
-    parser.add_argument("--image-root", help="image root of the split (only with a single --split; default per DATA.md)")
+    parser.add_argument("--image-root",
+                        help="image root of the split (only with a single --split; default per DATA.md)")
     parser.add_argument("--proxy", action="store_true", help="convert image_ids_proxy.txt (ILSVRC train subset)")
     parser.add_argument("--out-dir", help="where the .beton files go (default: <data-root>/ffcv)")
     parser.add_argument("--max-resolution", type=int, default=512,
@@ -838,7 +865,7 @@ def main(args: argparse.Namespace) -> int:
         repairs = ", ".join(f"{kind}: {count}" for kind, count in summary.repairs.items()) or "none"
         rate = f"{summary.num_images / summary.seconds:.0f}" if summary.seconds > 0 else "-"
         table.add_row(split_name, str(summary.num_images), str(summary.beton_path),
-                      f"{summary.file_bytes / 2**20:.1f}", "up to date" if summary.skipped else f"{summary.seconds:.1f}",
-                      rate, repairs)
+                      f"{summary.file_bytes / 2**20:.1f}",
+                      "up to date" if summary.skipped else f"{summary.seconds:.1f}", rate, repairs)
     console.print(table)
     return 0

@@ -12,7 +12,7 @@ Layout (see the data specification): ``<metadata_root>/<dataset>/<split>/`` hold
                              only an image's first line carries the ignore path)
 ``localization_masks.txt``   masks in the second form, for sets that have both boxes and masks
                              (calm-fast's synthetic sets)
-``parts.txt``                part annotations of the synthetic sets (format in ``SYNTHETIC.md``)
+``parts.txt``                part annotations of the synthetic sets (format in the README, "The synthetic dataset")
 ==========================  ==================================================================
 
 Every problem is reported as a :class:`MetadataError` naming the file and the line. The only
@@ -363,7 +363,7 @@ def _read_masks(path: Path, lines: list[str], ids: _IdIndex, mask_root: Path, pr
 
 
 def _read_parts(path: Path, ids: _IdIndex, image_root: Path, proxy: bool) -> list[ImageParts]:
-    """parts.txt: ``path,part_index,name,x0,y0,x1,y1,discriminative,part_mask_path`` (format in SYNTHETIC.md).
+    """parts.txt: ``path,part_index,name,x0,y0,x1,y1,discriminative,part_mask_path`` (format in the README).
 
     One line per part; an image's part indices run 0, 1, ... in order and its lines share one
     ``part_mask_path`` (relative to the image root), whose pixel value ``part_index + 1`` marks the part.

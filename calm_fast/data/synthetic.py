@@ -6,7 +6,7 @@ each variant having a fixed shape and colour. Bodies wear the background's textu
 (loose parts, bodies with one part) and clutter repeat the parts' shapes and colours, so neither
 "busy" nor "colourful" nor "central" finds the object: only its part configuration does. The output
 is the WSOL layout that ``calm_fast.data.metadata.read_split`` reads, both as a box dataset and as a
-mask dataset. Design and file formats: calm_fast/data/SYNTHETIC.md.
+mask dataset. Design and file formats: README.md, "The synthetic dataset".
 """
 
 from __future__ import annotations
