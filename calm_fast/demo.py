@@ -1,7 +1,8 @@
 """Run the main job on the embedded default: synthetic data -> train CALM-EM and CAM -> evaluate -> compare.
 
 Steps, each skipped when its output already exists (so a second run only re-evaluates):
-  1. `calm-fast synth` writes the synthetic WSOL dataset under --data (unless it is there already);
+  1. `calm-fast synth` writes the synthetic WSOL dataset under --data (unless it is there already), and
+     `calm-fast convert` writes its FFCV .beton files (unless up to date), which train and eval then read;
   2. `calm-fast train` trains CALM-EM and CAM with the same time budget, at the same time, one core each;
   3. `calm-fast eval` scores both on the test split, and two class-agnostic baselines the same way: a centred
      Gaussian map and the smoothed gradient energy of the image;
@@ -130,6 +131,8 @@ def main(args: argparse.Namespace) -> int:
         _check(_cli("synth", "--out", args.data, "--name", cfg.data.dataset), "calm-fast synth")
     else:
         print(f"dataset {cfg.data.dataset}: already under {args.data}")
+    if cfg.data.loader != "torch":
+        _check(_cli("convert", "--data-root", args.data, "--dataset", cfg.data.dataset), "calm-fast convert")
     _train_both(args, run_root, overrides)
 
     rows = {}

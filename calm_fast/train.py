@@ -33,7 +33,7 @@ import random
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -209,25 +209,78 @@ def read_splits(cfg: Config):
     return train_split, val_split
 
 
+class FFCVTrainBatches:
+    """The training data of one rank from an FFCV .beton, with TrainBatches' two members.
+
+    Each rank reads its own shard (the order of calm_fast.data.torch_loader.ShardSampler for (seed, epoch))
+    in micro-batches of global_batch / (world_size × grad_accum). Resuming skips the batches already
+    consumed in the epoch, so a resumed run continues at the same samples; FFCV does not seed its crops and
+    flips, so unlike TrainBatches it is not bitwise identical, and N ranks see another partition of each
+    global batch than 1 rank does.
+    """
+
+    def __init__(self, loader, cfg: Config, num_samples: int):
+        self.loader = loader
+        self.grad_accum = cfg.train.grad_accum
+        self.steps_per_epoch = num_samples // cfg.data.batch_size
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"data.batch_size={cfg.data.batch_size} is larger than the training split "
+                              f"({num_samples} images)")
+
+    def micro_batches(self, epoch: int, first_step: int = 0):
+        self.loader.set_epoch(epoch, skip_batches=first_step * self.grad_accum)
+        wanted = (self.steps_per_epoch - first_step) * self.grad_accum
+        for count, batch in enumerate(self.loader):
+            if count == wanted:
+                break
+            yield batch
+
+
+def train_beton_paths(cfg: Config, train_split, val_split) -> list[Path]:
+    from calm_fast.data.ffcv import beton_path_for
+
+    folder = cfg.data.beton_dir or Path(cfg.data.root) / "ffcv"
+    return [beton_path_for(folder, split.dataset, split.split) for split in (train_split, val_split)]
+
+
 def build_loaders(cfg: Config, world: World, train_split, val_split):
-    """(training batches, validation loader) for this rank: the one place that picks the loader."""
+    """(training batches, validation loader) for this rank: the one place that picks the loader.
+
+    data.loader: "torch" reads the image files (our global-batch sampler: rank-invariant and bitwise
+    resumable); "ffcv" reads the .beton files of `calm-fast convert`; "auto" takes FFCV when both the train
+    and val .beton exist and match the metadata, else torch.
+    """
     from calm_fast.data import torch_loader
+    from calm_fast.evaluate import build_eval_loader
 
     data = cfg.data
-    if data.loader == "ffcv":
-        raise ConfigError("data.loader = \"ffcv\": the FFCV loaders are not wired into training yet; "
-                          "use \"torch\" or \"auto\"")
+    val_loader = build_eval_loader(replace(cfg, eval=replace(cfg.eval, batch_size=data.eval_batch_size)),
+                                   val_split, world.rank, world.world_size, world.device)
+    kind = "torch"
+    if data.loader != "torch":
+        from calm_fast.data import ffcv
+        from calm_fast.evaluate import _beton_matches
+
+        betons = train_beton_paths(cfg, train_split, val_split)
+        kind = ffcv.resolve_loader_kind(data.loader, betons)
+        if kind == "ffcv" and not _beton_matches(train_split, betons[0]):
+            if data.loader == "ffcv":
+                raise FileNotFoundError(f"{betons[0]} does not match the metadata of {train_split.dataset} "
+                                        f"{train_split.split}: run `calm-fast convert` again")
+            kind = "torch"
+    if kind == "ffcv":
+        micro = data.batch_size // (world.world_size * cfg.train.grad_accum)
+        dtype = DTYPES[cfg.train.precision] if world.device.type == "cuda" else torch.float32
+        loader = ffcv.build_ffcv_loader(betons[0], train=True, input_size=data.input_size,
+                                        resize_size=data.resize_size, batch_size=micro,
+                                        num_workers=max(1, data.workers), rank=world.rank,
+                                        world_size=world.world_size, seed=cfg.train.seed, device=world.device,
+                                        dtype=dtype, drop_last=True)
+        return FFCVTrainBatches(loader, cfg, len(train_split)), val_loader
     # The sampling is ours (TrainBatches): global batches that do not depend on the number of ranks.
     train_dataset = torch_loader.WSOLDataset(train_split, train=True, input_size=data.input_size,
                                              resize_size=data.resize_size, seed=cfg.train.seed)
-    val_loader = torch_loader.build_torch_loader(val_split, train=False, input_size=data.input_size,
-                                                 resize_size=data.resize_size, batch_size=data.eval_batch_size,
-                                                 num_workers=data.workers, rank=world.rank,
-                                                 world_size=world.world_size, seed=cfg.train.seed)
     return TrainBatches(train_dataset, cfg, world), val_loader
-
-
-# ------------------------------------------------------------------------------------------- logging
 
 
 class RunLog:
@@ -308,7 +361,7 @@ def validate(engine, val_loader, val_split, cfg: Config, world: World, dtype: to
         for images, labels, _ in val_loader:
             class_logits, location_scores = model(images.to(world.device, dtype=dtype))
             predicted = class_log_probs(class_logits, location_scores, cfg.model.method, cfg.model.prior).argmax(1)
-            counts[0] += int((predicted.cpu() == labels).sum())
+            counts[0] += int((predicted.cpu() == labels.cpu()).sum())
             counts[1] += len(labels)
     all_reduce_sum(counts)
     model.train(was_training)
@@ -469,7 +522,8 @@ def _train(cfg: Config, world: World, watchdog: Watchdog, resume: bool) -> dict[
             with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's consolidation chatter
                 ckpt.export_model(checkpoint_path, model_path)
         barrier()
-    summary = {"steps": step, "total_steps": total_steps, "epochs": step / steps_per_epoch,
+    summary = {"steps": step, "total_steps": total_steps,
+               "loader": "ffcv" if isinstance(train_batches, FFCVTrainBatches) else "torch", "epochs": step / steps_per_epoch,
                "stopped": stop_reason, "world_size": world.world_size, "precision": cfg.train.precision,
                "zero_stage": cfg.train.zero_stage, "val": last_val,
                "images_per_s_median": float(np.median(throughput)) if throughput else None,

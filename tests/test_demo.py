@@ -1,4 +1,4 @@
-"""The README's main job end to end, tiny: synthetic data -> train CALM-EM and CAM -> eval -> comparison."""
+"""The README's main job end to end, tiny: synthetic data -> FFCV -> train CALM-EM and CAM -> eval -> comparison."""
 
 import json
 import os
@@ -36,6 +36,7 @@ def test_demo_runs_end_to_end_and_reports_an_honest_verdict(tmp_path):
     expected = calm >= max(baselines) + 15 and max(baselines) <= 35
     assert summary["target"]["met"] == expected
     for method in ("calm-em", "cam"):
+        assert json.loads((run / method / "summary.json").read_text())["loader"] == "ffcv"  # convert -> FFCV
         assert (run / method / "model.pt").exists()
         assert (run / method / "eval" / "test" / "results.json").exists()
     assert "target" in done.stdout and "MaxBoxAccV2" in done.stdout
