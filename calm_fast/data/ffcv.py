@@ -417,12 +417,6 @@ def read_beton_info(beton_path: str | Path) -> dict | None:
         return None
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
-
-
 def _remove_stale_partials(beton_path: Path) -> None:
     """Remove the temporary files and report folders of this .beton left by conversions that were killed.
 
@@ -521,7 +515,9 @@ def convert_split(
         "seconds": round(seconds, 3),
         "fields": ["image", "label", "index"],
     }
-    _write_atomic(sidecar_path(beton_path), json.dumps(info, indent=2) + "\n")
+    from calm_fast.report import write_json
+
+    write_json(sidecar_path(beton_path), info)
     return ConversionSummary(beton_path, len(split), seconds, beton_path.stat().st_size, repairs)
 
 
