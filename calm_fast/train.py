@@ -522,8 +522,8 @@ def _train(cfg: Config, world: World, watchdog: Watchdog, resume: bool) -> dict[
             with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's consolidation chatter
                 ckpt.export_model(checkpoint_path, model_path)
         barrier()
-    summary = {"steps": step, "total_steps": total_steps,
-               "loader": "ffcv" if isinstance(train_batches, FFCVTrainBatches) else "torch", "epochs": step / steps_per_epoch,
+    summary = {"steps": step, "total_steps": total_steps, "epochs": step / steps_per_epoch,
+               "loader": "ffcv" if isinstance(train_batches, FFCVTrainBatches) else "torch",
                "stopped": stop_reason, "world_size": world.world_size, "precision": cfg.train.precision,
                "zero_stage": cfg.train.zero_stage, "val": last_val,
                "images_per_s_median": float(np.median(throughput)) if throughput else None,
