@@ -78,6 +78,8 @@ def _run_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 _RUNS_8, _RUNS_4, _AREA_STEPS = _run_tables()
 _RING_DY = np.array([dy for dy, _ in _RING], np.int64)
 _RING_DX = np.array([dx for _, dx in _RING], np.int64)
+# Fields of a component's row in the sweep's `state` table.
+_X0, _Y0, _X1, _Y1, _BORN, _FIRST, _AREA2, _SIZE = range(8)
 _FLOOR_LOG2 = np.array([0, 0] + [int(length).bit_length() - 1 for length in range(2, NUM_LEVELS + 1)], np.int64)
 
 
@@ -93,7 +95,7 @@ def _find(parent, pixel):
     return root
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, inline="always")
 def _max_iou(x0, y0, x1, y1, gt_boxes):
     """Max IoU of one predicted box over the GT boxes, inclusive ends, computed as the reference does."""
     best = 0.0
@@ -108,7 +110,7 @@ def _max_iou(x0, y0, x1, y1, gt_boxes):
     return best
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, inline="always")
 def _range_best(key_table, iou_table, lo, hi, key, iou):
     """Offer (key, iou) to every θ in [lo, hi] through two overlapping power-of-two blocks.
 
@@ -143,18 +145,16 @@ def _pad(image):
 
 
 @numba.njit(cache=True, nogil=True)
-def _pad_holes(levels, filled):
-    """Hole-sweep inputs: 255 - u where u < r (the pixel lies in a hole for u <= θ < r), else 0; and the
-    sweep level 255 - r at which that hole joins the outside. Both flat (H+2, W+2) with a ring of zeros."""
-    height, width = levels.shape
-    hole_levels = np.zeros((height + 2, width + 2), np.uint8)
-    death = np.zeros((height + 2, width + 2), np.uint8)
-    for y in range(height):
-        for x in range(width):
-            if levels[y, x] < filled[y, x]:
-                hole_levels[y + 1, x + 1] = 255 - levels[y, x]
-                death[y + 1, x + 1] = 255 - filled[y, x]
-    return hole_levels.ravel(), death.ravel()
+def _pad_holes(padded, filled):
+    """Hole-sweep inputs from the padded map u and its hole filling r: 255 - u where u < r (the pixel lies
+    in a hole for u <= θ < r), else 0; and the sweep level 255 - r at which that hole joins the outside."""
+    hole_levels = np.zeros(padded.size, np.uint8)
+    death = np.zeros(padded.size, np.uint8)
+    for p in range(padded.size):
+        if padded[p] < filled[p]:
+            hole_levels[p] = 255 - padded[p]
+            death[p] = 255 - filled[p]
+    return hole_levels, death
 
 
 @numba.njit(cache=True, nogil=True)
@@ -174,11 +174,12 @@ def _sweep(padded, death, height, width, gt_boxes, holes, largest_only, key_tabl
       matching sweep level 255 - r, where the component's last state is offered and it is marked dead.
     """
     stride = width + 2
-    n = padded.size
     ring = _RING_DY * stride + _RING_DX
     runs = _RUNS_4 if holes else _RUNS_8
+    pixels = height * width
 
-    # Counting sort of the image pixels by level; within a level they stay in raster order.
+    # Counting sort of the image pixels by level; within a level they stay in raster order. The row
+    # rides along so no division is needed per pixel.
     start = np.zeros(NUM_LEVELS + 1, np.int64)
     for y in range(1, height + 1):
         for p in range(y * stride + 1, y * stride + width + 1):
@@ -186,153 +187,152 @@ def _sweep(padded, death, height, width, gt_boxes, holes, largest_only, key_tabl
     for level in range(NUM_LEVELS):
         start[level + 1] += start[level]
     fill = start[:NUM_LEVELS].copy()
-    order = np.empty(height * width, np.int32)
-    row_of = np.empty(n, np.int32)
-    death_head = np.full(NUM_LEVELS, -1, np.int32)  # per sweep level, a linked list of holes dying there
-    death_next = np.empty(n, np.int32)
+    order = np.empty(pixels, np.int32)
+    order_row = np.empty(pixels, np.int32)
     for y in range(1, height + 1):
         for p in range(y * stride + 1, y * stride + width + 1):
             order[fill[padded[p]]] = p
+            order_row[fill[padded[p]]] = y
             fill[padded[p]] += 1
-            row_of[p] = y
 
-    # Per-pixel union-find; the other arrays are meaningful at roots only. int32 keeps them in cache.
-    parent = np.empty(n, np.int32)
-    size = np.ones(n, np.int32)
-    box = np.empty((n, 4), np.int32)  # x0, y0, x1, y1 of the component's pixels, image coordinates
-    born = np.empty(n, np.int32)  # level L where the root's current state began (it holds for t <= L-1)
-    dead = np.zeros(n, np.bool_)
-    first = np.empty(n, np.int32)
-    area2 = np.empty(n, np.int32)
+    # Union-find over components, numbered as they are born, not over pixels: `label` maps an added
+    # pixel to the component it joined, and a component's fields sit in one 32-byte row of `state`.
+    # The hot data is then a few hundred KB even on noise, where per-pixel arrays spilled out of L2.
+    label = np.empty(padded.size, np.int32)
+    parent = np.empty(pixels, np.int32)
+    state = np.empty((pixels, 8), np.int32)  # _X0, _Y0, _X1, _Y1 (image coordinates), _BORN, _FIRST, _AREA2, _SIZE
+    dead = np.zeros(pixels, np.bool_)
+    death_head = np.full(NUM_LEVELS, -1, np.int32)  # per sweep level, a linked list of holes dying there
+    death_next = np.empty(pixels, np.int32)
+    count = 0
 
     for level in range(NUM_LEVELS - 1, 0, -1):
-        pixel = death_head[level]
-        while pixel >= 0:
-            r = _find(parent, pixel)
+        hole = death_head[level]
+        while hole >= 0:
+            r = _find(parent, hole)
             if not dead[r]:
                 dead[r] = True
-                _offer(key_table, iou_table, holes, largest_only, n, level, born[r] - 1,
-                       box[r, 0], box[r, 1], box[r, 2], box[r, 3], area2[r], first[r],
-                       height, width, gt_boxes)
-            pixel = death_next[pixel]
+                _offer(key_table, iou_table, holes, largest_only, level, state, r, height, width, gt_boxes)
+            hole = death_next[hole]
         for i in range(start[level], start[level + 1]):
             p = order[i]
-            py = row_of[p]
-            px = p - py * stride
+            y = order_row[i] - 1
+            x = p - order_row[i] * stride - 1
             mask = 0
             for k in range(8):  # branch-free: "q joined before p" is data-dependent
                 q = p + ring[k]
                 mask |= ((padded[q] > level) | ((padded[q] == level) & (q < p))) << k
             if runs[mask, 0] < 0:  # no added neighbour: a new component
-                parent[p] = p
-                box[p, 0], box[p, 1], box[p, 2], box[p, 3] = px - 1, py - 1, px - 1, py - 1
-                born[p] = level
-                first[p] = p
-                area2[p] = _AREA_STEPS[mask]
-                if death[p] > 0:  # a hole: its first pixel stands for it on the death list
-                    death_next[p] = death_head[death[p]]
-                    death_head[death[p]] = p
+                parent[count] = count
+                label[p] = count
+                state[count, _X0], state[count, _Y0], state[count, _X1], state[count, _Y1] = x, y, x, y
+                state[count, _BORN], state[count, _FIRST] = level, p
+                state[count, _AREA2], state[count, _SIZE] = _AREA_STEPS[mask], 1
+                if death[p] > 0:  # a hole: listed to be retired at the level where it joins the outside
+                    death_next[count] = death_head[death[p]]
+                    death_head[death[p]] = count
+                count += 1
                 continue
             # Join the first neighbouring component, then merge any other one into it.
-            root = _find(parent, p + ring[runs[mask, 0]])
-            if born[root] != level:  # its state from an earlier level ends here
-                _offer(key_table, iou_table, holes, largest_only, n, level, born[root] - 1,
-                       box[root, 0], box[root, 1], box[root, 2], box[root, 3], area2[root], first[root],
-                       height, width, gt_boxes)
-                born[root] = level
-            parent[p] = root
-            size[root] += 1
-            box[root, 0] = min(box[root, 0], px - 1)
-            box[root, 1] = min(box[root, 1], py - 1)
-            box[root, 2] = max(box[root, 2], px - 1)
-            box[root, 3] = max(box[root, 3], py - 1)
-            first[root] = min(first[root], p)
+            root = _find(parent, label[p + ring[runs[mask, 0]]])
+            if state[root, _BORN] != level:  # its state from an earlier level ends here
+                _offer(key_table, iou_table, holes, largest_only, level, state, root, height, width, gt_boxes)
+                state[root, _BORN] = level
+            state[root, _X0] = min(state[root, _X0], x)
+            state[root, _Y0] = min(state[root, _Y0], y)
+            state[root, _X1] = max(state[root, _X1], x)
+            state[root, _Y1] = max(state[root, _Y1], y)
+            state[root, _FIRST] = min(state[root, _FIRST], p)
+            state[root, _SIZE] += 1
             for j in range(1, 4):
                 if runs[mask, j] < 0:
                     break
-                other = _find(parent, p + ring[runs[mask, j]])
+                other = _find(parent, label[p + ring[runs[mask, j]]])
                 if other == root:
                     continue
-                if born[other] != level:
-                    _offer(key_table, iou_table, holes, largest_only, n, level, born[other] - 1,
-                           box[other, 0], box[other, 1], box[other, 2], box[other, 3], area2[other], first[other],
-                           height, width, gt_boxes)
-                if size[root] < size[other]:
+                if state[other, _BORN] != level:
+                    _offer(key_table, iou_table, holes, largest_only, level, state, other, height, width,
+                           gt_boxes)
+                if state[root, _SIZE] < state[other, _SIZE]:
                     root, other = other, root
                 parent[other] = root
-                size[root] += size[other]
-                born[root] = level
-                box[root, 0] = min(box[root, 0], box[other, 0])
-                box[root, 1] = min(box[root, 1], box[other, 1])
-                box[root, 2] = max(box[root, 2], box[other, 2])
-                box[root, 3] = max(box[root, 3], box[other, 3])
-                first[root] = min(first[root], first[other])
-                area2[root] += area2[other]
+                state[root, _BORN] = level
+                for field in (_X0, _Y0, _FIRST):
+                    state[root, field] = min(state[root, field], state[other, field])
+                for field in (_X1, _Y1):
+                    state[root, field] = max(state[root, field], state[other, field])
+                state[root, _AREA2] += state[other, _AREA2]
+                state[root, _SIZE] += state[other, _SIZE]
+            label[p] = root
             # The pixel's four 2x2 windows now lie in this component (their other pixels are its
             # neighbours): each reaching 3 or 4 pixels adds 1/2 to the contour's polygon area.
-            area2[root] += _AREA_STEPS[mask]
-    for p in range(n):
-        if padded[p] > 0 and parent[p] == p and not dead[p]:
-            _offer(key_table, iou_table, holes, largest_only, n, 0, born[p] - 1,
-                   box[p, 0], box[p, 1], box[p, 2], box[p, 3], area2[p], first[p],
-                   height, width, gt_boxes)
+            state[root, _AREA2] += _AREA_STEPS[mask]
+    for c in range(count):
+        if parent[c] == c and not dead[c]:
+            _offer(key_table, iou_table, holes, largest_only, 0, state, c, height, width, gt_boxes)
 
 
-@numba.njit(cache=True, nogil=True)
-def _offer(key_table, iou_table, holes, largest_only, n, lo, hi, bx0, by0, bx1, by1, area2, first, height, width,
-           gt_boxes):
-    # The box comes as four scalars, not a row view of `box`: building a view per offer cost ~20% of a sweep.
-    """Score a state valid for sweep levels t in [lo, hi] and offer it (the hole sweep's t is 254 - θ).
+@numba.njit(cache=True, nogil=True, inline="always")
+def _offer(key_table, iou_table, holes, largest_only, lo, state, c, height, width, gt_boxes):
+    """Score component c's state, valid for sweep levels t in [lo, its _BORN - 1], and offer it (the hole
+    sweep's t is 254 - θ).
 
     Box rules of the reference: OpenCV's bounding rect (x, y, w, h) becomes (x, y, x+w, y+h) clipped to
     the last row/column, one pixel larger than the pixels; a hole's contour runs on the foreground around
     it, one pixel further out on every side.
     """
+    hi = state[c, _BORN] - 1
+    x0, y0, x1, y1 = state[c, _X0], state[c, _Y0], state[c, _X1], state[c, _Y1]
     if holes:
         lo, hi = NUM_LEVELS - 2 - hi, NUM_LEVELS - 2 - lo
-        iou = _max_iou(bx0 - 1, by0 - 1, min(bx1 + 2, width - 1), min(by1 + 2, height - 1), gt_boxes)
+        iou = _max_iou(x0 - 1, y0 - 1, min(x1 + 2, width - 1), min(y1 + 2, height - 1), gt_boxes)
     else:
-        iou = _max_iou(bx0, by0, min(bx1 + 1, width - 1), min(by1 + 1, height - 1), gt_boxes)
+        iou = _max_iou(x0, y0, min(x1 + 1, width - 1), min(y1 + 1, height - 1), gt_boxes)
     if largest_only:
-        _range_best(key_table, iou_table, lo, hi, float(area2 * n + first), iou)
+        # Twice the contour area, then the first pixel's raster index (padded frame) breaks ties.
+        key = float(state[c, _AREA2]) * ((height + 2) * (width + 2)) + float(state[c, _FIRST])
+        _range_best(key_table, iou_table, lo, hi, key, iou)
     elif iou > 0.0:  # IoU 0 is the floor anyway wherever a contour exists
         _range_best(key_table, iou_table, lo, hi, iou, iou)
 
 
 @numba.njit(cache=True, nogil=True)
-def _fill_holes(levels):
-    """Grey-level hole filling: min over 4-paths from each pixel to the border of the max level on the path.
+def _fill_holes(padded, height, width):
+    """Grey-level hole filling of a padded map: min over 4-paths from each pixel to the image border of the
+    max level on the path. Same padded layout out, ring included (zeros).
 
     Priority flood from the border with a bucket queue; a pixel's value is final when it is first reached.
+    The ring starts out reached, so neighbours need no bounds checks.
     """
-    height, width = levels.shape
-    flat = levels.ravel()
-    n = flat.size
-    filled = np.empty(n, np.uint8)
-    reached = np.zeros(n, np.bool_)
-    head = np.full(NUM_LEVELS, -1, np.int64)  # one linked stack of pixels per level
-    next_in_bucket = np.empty(n, np.int64)
-    for p in range(n):
-        py, px = p // width, p % width
-        if py == 0 or px == 0 or py == height - 1 or px == width - 1:
-            reached[p] = True
-            filled[p] = flat[p]
-            next_in_bucket[p] = head[flat[p]]
-            head[flat[p]] = p
+    stride = width + 2
+    filled = np.zeros(padded.size, np.uint8)
+    reached = np.zeros(padded.size, np.bool_)
+    head = np.full(NUM_LEVELS, -1, np.int32)  # one linked stack of pixels per level
+    next_in_bucket = np.empty(padded.size, np.int32)
+    for y in range(height + 2):
+        for x in range(width + 2):
+            if y == 0 or x == 0 or y == height + 1 or x == width + 1:
+                reached[y * stride + x] = True
+    for y in range(1, height + 1):
+        for x in range(1, width + 1):
+            p = y * stride + x
+            if (y == 1 or x == 1 or y == height or x == width) and not reached[p]:
+                reached[p] = True
+                filled[p] = padded[p]
+                next_in_bucket[p] = head[padded[p]]
+                head[padded[p]] = p
     for level in range(NUM_LEVELS):
         while head[level] >= 0:
             p = head[level]
             head[level] = next_in_bucket[p]
-            py, px = p // width, p % width
-            for q in (p - width if py > 0 else -1, p - 1 if px > 0 else -1,
-                      p + 1 if px < width - 1 else -1, p + width if py < height - 1 else -1):
-                if q < 0 or reached[q]:
+            for q in (p - stride, p - 1, p + 1, p + stride):
+                if reached[q]:
                     continue
                 reached[q] = True
-                filled[q] = max(level, flat[q])
+                filled[q] = max(level, padded[q])
                 next_in_bucket[q] = head[filled[q]]
                 head[filled[q]] = q
-    return filled.reshape(height, width)
+    return filled
 
 
 @numba.njit(cache=True, nogil=True)
@@ -341,14 +341,15 @@ def _level_best_iou(levels, gt_boxes, multi_contour, out):
     height, width = levels.shape
     key_table = np.full((_TABLE_DEPTH, NUM_LEVELS), -np.inf)
     iou_table = np.zeros((_TABLE_DEPTH, NUM_LEVELS), np.float64)
-    filled = _fill_holes(levels)
-    no_death = np.zeros((height + 2) * (width + 2), np.uint8)
+    padded = _pad(levels)
+    filled = _fill_holes(padded, height, width)
+    no_death = np.zeros(padded.size, np.uint8)
     if multi_contour:
-        _sweep(_pad(levels), no_death, height, width, gt_boxes, False, False, key_table, iou_table)
-        hole_levels, death = _pad_holes(levels, filled)
+        _sweep(padded, no_death, height, width, gt_boxes, False, False, key_table, iou_table)
+        hole_levels, death = _pad_holes(padded, filled)
         _sweep(hole_levels, death, height, width, gt_boxes, True, False, key_table, iou_table)
     else:
-        _sweep(_pad(filled), no_death, height, width, gt_boxes, False, True, key_table, iou_table)
+        _sweep(filled, no_death, height, width, gt_boxes, False, True, key_table, iou_table)
     _push_down(key_table, iou_table)
     # Below the map's peak some contour exists, so IoU 0 (states offered only when > 0) is the floor;
     # from the peak up there is no foreground and the reference scores the box (0, 0, 0, 0).
