@@ -292,8 +292,9 @@ def _offer(key_table, iou_table, holes, largest_only, lo, state, c, height, widt
         iou = _max_iou(x0 - 1, y0 - 1, min(x1 + 2, width - 1), min(y1 + 2, height - 1), gt_boxes)
     else:
         iou = _max_iou(x0, y0, min(x1 + 1, width - 1), min(y1 + 1, height - 1), gt_boxes)
-    # Largest contour: twice its area, then its first pixel's raster index (padded frame) breaks ties.
-    key = float(state[c, _AREA2]) * ((height + 2) * (width + 2)) + float(state[c, _FIRST]) if largest_only else np.nan
+    key = np.nan  # V2: the IoU is the key
+    if largest_only:  # twice the contour area, then the first pixel's raster index (padded frame) breaks ties
+        key = float(state[c, _AREA2]) * ((height + 2) * (width + 2)) + float(state[c, _FIRST])
     _range_best(key_table, iou_table, lo, hi, key, iou)
 
 
