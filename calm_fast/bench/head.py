@@ -266,7 +266,6 @@ def _copy_bandwidth_gbs(device: torch.device) -> float | None:
     source = torch.empty(2**30, dtype=torch.uint8, device=device)
     target = torch.empty_like(source)
     ms = _median_ms(lambda: target.copy_(source), device, 10, torch.empty(0, device=device))
-    del source, target
     return 2 * 2**30 / (ms * 1e-3) / 1e9
 
 
