@@ -232,7 +232,7 @@ def test_a_dead_rank_fails_the_job_quickly(data_root, tmp_path):
 
 def test_time_budget_stops_cleanly_with_a_checkpoint(data_root, tmp_path):
     run_dir = tmp_path / "budget"
-    run(TRAIN + overrides(data_root, run_dir, "train.max_steps=100000", "train.max_minutes=0.1",
+    run(TRAIN + overrides(data_root, run_dir, "train.max_steps=100000", "train.epochs=100000", "train.max_minutes=0.1",
                           "train.checkpoint_every=0", "train.val_every=0"), cwd=tmp_path)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["stopped"].startswith("time budget") and 0 < summary["steps"] < 100000
