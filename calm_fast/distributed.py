@@ -100,9 +100,20 @@ def barrier() -> None:
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks, in place; returns the tensor (a no-op in a world of one)."""
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+    """Sum over ranks, in place; returns the tensor (a no-op in a world of one).
+
+    NCCL has no CPU path, so under NCCL a CPU tensor makes the round trip through this rank's GPU; callers
+    keep their small bookkeeping tensors (counts, losses, metric state) wherever is convenient.
+    """
+    dist = torch.distributed
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return tensor
+    if tensor.device.type == "cpu" and dist.get_backend() == "nccl":
+        on_device = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
+        tensor.copy_(on_device)
+    else:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 

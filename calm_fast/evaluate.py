@@ -53,6 +53,7 @@ import torch
 
 from calm_fast.config import Config, ConfigError, config_from_dict, config_to_dict, effective_map_kind, load_config
 from calm_fast.config import parse_override
+from calm_fast.distributed import all_reduce_sum
 
 MAP_KINDS = ("joint", "posterior", "prior", "class")
 BASELINES = ("centre-gaussian", "image-energy")
@@ -367,7 +368,7 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def all_reduce_states(states: list[dict[str, np.ndarray]], device: torch.device | str = "cpu") -> list[dict]:
+def all_reduce_states(states: list[dict[str, np.ndarray]]) -> list[dict]:
     """Sum integer state dicts element-wise across ranks (one int64 all_reduce); returns the sums.
 
     Every rank must hold the same names and shapes (it does: the shapes follow from the settings);
@@ -388,9 +389,7 @@ def all_reduce_states(states: list[dict[str, np.ndarray]], device: torch.device 
             raise RuntimeError(f"metric state layout of rank {rank} differs from this rank's; the ranks were "
                                "started with different settings or splits")
     flat = np.concatenate([array.astype(np.int64).ravel() for array in arrays]) if arrays else np.zeros(0, np.int64)
-    tensor = torch.from_numpy(flat).to(device)
-    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
-    flat = tensor.cpu().numpy()
+    flat = all_reduce_sum(torch.from_numpy(flat)).numpy()
     out: list[dict[str, np.ndarray]] = [{} for _ in states]
     offset = 0
     for (i, key), array in zip(names, arrays):
@@ -441,17 +440,16 @@ def ground_truth(split, indices: np.ndarray, need_boxes: bool, need_masks: bool)
 
 
 def evaluate_maps(map_fn: MapFn, split, loader, settings: EvalSettings = EvalSettings(),
-                  device: torch.device | str = "cpu", progress: bool = False) -> Evaluation:
+                  progress: bool = False) -> Evaluation:
     """Score the maps of `map_fn` on `split`, with this rank's shard of the samples coming from `loader`.
 
     `loader` yields (images, labels, indices); indices address `split`. Collective when a process group
-    is initialised: every rank calls it with its own shard and all get the same summed result (`device`:
-    where the all_reduce runs, the rank's GPU under NCCL). Raises if a sample is missing or evaluated
+    is initialised: every rank calls it with its own shard and all get the same summed result. Raises if a sample is missing or evaluated
     twice across ranks, or if a loader's label disagrees with the split.
     """
     started = time.perf_counter()
     shard = _evaluate_shard(map_fn, split, loader, settings, progress)
-    return _combine_shards(shard, split, settings, device, started)
+    return _combine_shards(shard, split, settings, started)
 
 
 @dataclass
@@ -496,7 +494,7 @@ def _evaluate_shard(map_fn: MapFn, split, loader, settings: EvalSettings, progre
     return shard
 
 
-def _combine_shards(shard: _Shard, split, settings: EvalSettings, device, started: float) -> Evaluation:
+def _combine_shards(shard: _Shard, split, settings: EvalSettings, started: float) -> Evaluation:
     """Sum the ranks' states (one all_reduce) and compute the numbers, identically on every rank."""
     # A rank whose shard was empty learns the map names and whether the source classifies from the others.
     described = None
@@ -508,8 +506,7 @@ def _combine_shards(shard: _Shard, split, settings: EvalSettings, device, starte
     names, classifies = described
     metrics = {name: shard.metrics.get(name) or MapMetrics(split, settings, classifies) for name in names}
 
-    summed_seen, *summed = all_reduce_states([{"seen": shard.seen}] + [metrics[name].state() for name in names],
-                                             device)
+    summed_seen, *summed = all_reduce_states([{"seen": shard.seen}] + [metrics[name].state() for name in names])
     _check_coverage(split, summed_seen["seen"])
     results, state = {}, {}
     for name, total in zip(names, summed):
@@ -645,7 +642,7 @@ def evaluate_model(model: torch.nn.Module, split, cfg: Config, world=None, dtype
     was_training = model.training
     model.eval()
     try:
-        evaluation = evaluate_maps(source, split, loader, settings, device=_reduce_device(device), progress=progress)
+        evaluation = evaluate_maps(source, split, loader, settings, progress=progress)
     finally:
         model.train(was_training)
     return {**headline(evaluation.results[map_kinds[0]]), "map_kind": map_kinds[0],
@@ -667,15 +664,6 @@ def headline(results: dict[str, Any]) -> dict[str, float]:
     if mask and mask.get("pxap") is not None:
         out["pxap"] = mask["pxap"]
     return out
-
-
-def _reduce_device(device: torch.device | str) -> torch.device:
-    """Where the all_reduce tensor lives: the rank's CUDA device under NCCL, else the CPU (gloo)."""
-    device = torch.device(device)
-    dist = torch.distributed
-    if device.type == "cuda" and dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
-        return device
-    return torch.device("cpu")
 
 
 def load_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Config | None]:
@@ -969,8 +957,7 @@ def _run(args, cfg: Config, checkpoint: Path | None, state_dict: dict[str, torch
         else:
             source = ModelMaps(model, cfg.model.method, kinds, cfg.model.prior, world.device)
         loader = build_eval_loader(cfg, split, world.rank, world.world_size, world.device)
-        evaluation = evaluate_maps(source, split, loader, settings, device=_reduce_device(world.device),
-                                   progress=world.is_main and console.is_terminal)
+        evaluation = evaluate_maps(source, split, loader, settings, progress=world.is_main and console.is_terminal)
         default_out = Path(cfg.run_dir) / ("eval-baselines" if args.baseline else "eval") / split_name
         out_dir = Path(args.out) / split_name if args.out and len(splits) > 1 else Path(args.out or default_out)
         if settings.save_maps:

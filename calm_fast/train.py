@@ -392,7 +392,7 @@ class _Window:
 
     start: float
     steps: int = 0
-    loss_sum: float = 0.0
+    loss_sum: torch.Tensor | float = 0.0  # a float64 tensor on the device once a step is in
     paused: float = 0.0  # seconds spent on checkpoints and validation
 
 
@@ -462,7 +462,8 @@ def _train(cfg: Config, world: World, watchdog: Watchdog, resume: bool) -> dict[
             epoch, first_step = divmod(step, steps_per_epoch)
             step_at_start = step
             micro_step = 0
-            step_loss = torch.zeros((), dtype=torch.float64)
+            # The loss stays on the device until a record is written: no GPU sync per step for logging.
+            step_loss = torch.zeros((), dtype=torch.float64, device=world.device)
             for images, labels, _ in train_batches.micro_batches(epoch, first_step):
                 if micro_step == 0:
                     step_lrs = _learning_rates(engine)  # the LRs this optimizer step uses
@@ -475,7 +476,7 @@ def _train(cfg: Config, world: World, watchdog: Watchdog, resume: bool) -> dict[
                 loss = calm_loss(class_logits, location_scores, labels, objective=objective, prior=cfg.model.prior)
                 engine.backward(loss)
                 engine.step()
-                step_loss += loss.detach().double().cpu()
+                step_loss += loss.detach().double()
                 micro_step += 1
                 if micro_step < cfg.train.grad_accum:
                     continue
@@ -483,8 +484,8 @@ def _train(cfg: Config, world: World, watchdog: Watchdog, resume: bool) -> dict[
                 step += 1
                 watchdog.beat(f"step {step}")
                 window.steps += 1
-                window.loss_sum += step_loss.item() / cfg.train.grad_accum
-                micro_step, step_loss = 0, torch.zeros((), dtype=torch.float64)
+                window.loss_sum = window.loss_sum + step_loss / cfg.train.grad_accum
+                micro_step, step_loss = 0, torch.zeros((), dtype=torch.float64, device=world.device)
                 epoch_end = step % steps_per_epoch == 0
                 if deadline is not None and any_rank(time.monotonic() > deadline, world.device):
                     stop_reason = "time budget (train.max_minutes)"
@@ -600,7 +601,7 @@ def _train_record(window: _Window, step: int, steps_per_epoch: int, lrs: dict[st
                   world: World) -> dict:
     """The train metrics of the window that ends at `step` (LRs of that step), loss averaged over ranks
     (a collective)."""
-    loss = torch.tensor([window.loss_sum], dtype=torch.float64)
+    loss = torch.as_tensor(window.loss_sum, dtype=torch.float64, device=world.device).reshape(1)
     all_reduce_sum(loss)
     elapsed = max(1e-9, time.perf_counter() - window.start - window.paused)
     return {"kind": "train", "step": step, "epoch": step / steps_per_epoch,
