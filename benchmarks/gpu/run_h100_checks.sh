@@ -5,6 +5,7 @@
 # with its own time limit, so one that fails or overruns leaves the others' results.
 #   1. calm-fast bench head: the fused Triton head checked against the PyTorch oracle on the device
 #      (values, gradients, EM loss, edge cases), then timed against plain PyTorch and torch.compile.
+#      benchmarks/gpu/profile_head.py then splits its time into host and per-kernel device time.
 #   2. End to end on one GPU: synth -> calm-fast train (DeepSpeed, bf16, torch loader) -> calm-fast eval.
 set -u
 OUT=${OUT:-runs/gpu-check}
@@ -22,15 +23,19 @@ export PYTHONPATH="$PKG:/tmp/site"
   python3 -c "import deepspeed; print('deepspeed', deepspeed.__version__)" 2>&1 | tail -1; } > "$OUT/environment.txt" 2>&1
 cat "$OUT/environment.txt"
 
-timeout "${HEAD_LIMIT:-300}" python3 -m calm_fast.cli bench head --out "$OUT/head.json" > "$OUT/head.log" 2>&1
-echo "bench head: exit $?" | tee -a "$OUT/status.txt"; tail -40 "$OUT/head.log"
+if [ "${HEAD_LIMIT:-300}" != 0 ]; then
+  timeout "${HEAD_LIMIT:-300}" python3 -P -m calm_fast.cli bench head --out "$OUT/head.json" > "$OUT/head.log" 2>&1
+  echo "bench head: exit $?" | tee -a "$OUT/status.txt"; tail -40 "$OUT/head.log"
+fi
+timeout "${PROFILE_LIMIT:-120}" python3 -P benchmarks/gpu/profile_head.py > "$OUT/profile_head.txt" 2>&1
+echo "profile head: exit $?" | tee -a "$OUT/status.txt"; cat "$OUT/profile_head.txt"
 
 WORK=/tmp/calm_fast_e2e
 timeout "${E2E_LIMIT:-240}" bash -c "
-  python3 -m calm_fast.cli synth --out $WORK/data --sizes train=2000,val=200,test=500 --workers 12 &&
-  python3 -m calm_fast.cli train -c configs/synthetic.toml data.root=$WORK/data run_dir=$WORK/run data.loader=torch \
+  python3 -P -m calm_fast.cli synth --out $WORK/data --sizes train=2000,val=200,test=500 --workers 12 --overwrite &&
+  python3 -P -m calm_fast.cli train -c configs/synthetic.toml data.root=$WORK/data run_dir=$WORK/run data.loader=torch \
       data.workers=8 train.max_steps=1500 train.progress=false train.tensorboard=false train.checkpoint_every=200 &&
-  python3 -m calm_fast.cli eval --run $WORK/run --out $WORK/eval data.loader=torch data.workers=8
+  python3 -P -m calm_fast.cli eval --run $WORK/run --out $WORK/eval data.loader=torch data.workers=8
 " > "$OUT/e2e.log" 2>&1
 echo "end to end: exit $?" | tee -a "$OUT/status.txt"; tail -30 "$OUT/e2e.log"
 cp "$WORK/run/summary.json" "$OUT/e2e-train-summary.json" 2>/dev/null
