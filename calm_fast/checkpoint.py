@@ -18,11 +18,13 @@ a `.tmp-*` folder, which the next save removes. Resuming needs every rank's file
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import random
 import re
 import shutil
-import tempfile
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,7 @@ import torch
 
 from calm_fast.config import Config, config_from_dict, config_to_dict, load_config, save_config
 from calm_fast.distributed import World, barrier
+from calm_fast.report import atomic_write_bytes
 
 CHECKPOINTS = "checkpoints"
 DEEPSPEED_TAG = "ds"
@@ -145,44 +148,49 @@ def load_checkpoint(engine, folder: Path, world: World) -> tuple[dict[str, Any],
 # ---------------------------------------------------------------------------------------------- export
 
 
+def consolidate(checkpoint: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Config | None]:
+    """(fp32 state dict with ZeRO shards merged, config or None) of a training checkpoint folder."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / DEEPSPEED_TAG).is_dir():
+        raise FileNotFoundError(f"{checkpoint}: not a calm-fast checkpoint (no {DEEPSPEED_TAG}/ folder)")
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's consolidation chatter
+        state_dict = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DEEPSPEED_TAG)
+    config_path = checkpoint / CONFIG_FILE
+    return dict(state_dict), (load_config(config_path) if config_path.is_file() else None)
+
+
 def export_model(checkpoint: str | os.PathLike, out_path: str | os.PathLike) -> Path:
     """Consolidate a checkpoint's weights (ZeRO shards included) into one fp32 state dict file.
 
     The file holds {"format", "state_dict" (keys of WSOLModel.state_dict()), "config" (plain dict),
     "step"}; read it with `load_exported`. Written atomically.
     """
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
     checkpoint = Path(checkpoint)
-    if not (checkpoint / DEEPSPEED_TAG).is_dir():
-        raise FileNotFoundError(f"{checkpoint}: not a calm-fast checkpoint (no {DEEPSPEED_TAG}/ folder)")
-    state_dict = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DEEPSPEED_TAG)
-    cfg = load_config(checkpoint / CONFIG_FILE)
+    state_dict, cfg = consolidate(checkpoint)
+    if cfg is None:
+        raise FileNotFoundError(f"{checkpoint}: no {CONFIG_FILE}; an exported model carries its config")
     match = _STEP_DIR.match(checkpoint.name)
-    payload = {"format": EXPORT_FORMAT, "state_dict": dict(state_dict), "config": config_to_dict(cfg),
+    payload = {"format": EXPORT_FORMAT, "state_dict": state_dict, "config": config_to_dict(cfg),
                "step": int(match.group(1)) if match else None}
-    out_path = Path(out_path)
-    atomic_torch_save(payload, out_path)
-    return out_path
+    return atomic_torch_save(payload, out_path)
 
 
 def load_exported(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Config, int | None]:
     """(state_dict, config, step) of a file written by export_model."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    return unpack_exported(torch.load(path, map_location="cpu", weights_only=True), path)
+
+
+def unpack_exported(payload: Any, path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Config, int | None]:
+    """(state_dict, config, step) of the loaded contents of an exported model file (`path` names it in errors)."""
     if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{path}: not a calm-fast exported model (expected format {EXPORT_FORMAT!r})")
     return payload["state_dict"], config_from_dict(payload["config"]), payload["step"]
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """torch.save through a temporary file in the same folder and os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """torch.save, atomically (report.atomic_write_bytes); returns the path."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return atomic_write_bytes(path, buffer.getvalue())

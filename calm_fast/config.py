@@ -25,13 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-METHODS = ("cam", "calm-em", "calm-ml")
-PRIORS = ("relu", "softmax")
 PRECISIONS = ("fp32", "bf16", "fp16")
 ZERO_STAGES = (1, 2)
 SCHEDULES = ("step", "cosine")
 LOADERS = ("auto", "ffcv", "torch")
-MAP_KINDS = ("auto", "joint", "posterior", "prior", "class")
 
 
 class ConfigError(ValueError):
@@ -149,10 +146,21 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     origin: dict[str, str] = {}  # "section.key" -> where its value came from, for error messages
     if path is not None:
         raw, origin = _read_toml_chain(Path(path), seen=())
+    _apply_overrides(raw, origin, overrides)
+    return config_from_dict(raw, origin)
+
+
+def with_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """`cfg` with dotted overrides applied and checked as load_config checks them."""
+    raw, origin = config_to_dict(cfg), {}
+    _apply_overrides(raw, origin, overrides)
+    return config_from_dict(raw, origin)
+
+
+def _apply_overrides(raw: dict, origin: dict, overrides) -> None:
     for override in overrides:
         key, value = parse_override(override)
         _set_dotted(raw, origin, key, value, f"override {override!r}")
-    return config_from_dict(raw, origin)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -281,6 +289,8 @@ def _choice(cfg_value, choices, key, origin):
 
 def validate(cfg: Config, origin: dict[str, str] | None = None) -> None:
     """Check choices and ranges that the types alone do not catch."""
+    from calm_fast.head import MAP_KINDS, METHODS, PRIORS  # the head defines what it computes
+
     origin = origin or {}
     _choice(cfg.model.method, METHODS, "model.method", origin)
     _choice(cfg.model.prior, PRIORS, "model.prior", origin)
@@ -288,7 +298,7 @@ def validate(cfg: Config, origin: dict[str, str] | None = None) -> None:
     _choice(cfg.train.zero_stage, ZERO_STAGES, "train.zero_stage", origin)
     _choice(cfg.optim.schedule, SCHEDULES, "optim.schedule", origin)
     _choice(cfg.data.loader, LOADERS, "data.loader", origin)
-    _choice(cfg.eval.map_kind, MAP_KINDS, "eval.map_kind", origin)
+    _choice(cfg.eval.map_kind, ("auto", *MAP_KINDS), "eval.map_kind", origin)
     positive = {
         "data.input_size": cfg.data.input_size, "data.resize_size": cfg.data.resize_size,
         "data.batch_size": cfg.data.batch_size, "data.eval_batch_size": cfg.data.eval_batch_size,

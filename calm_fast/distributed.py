@@ -89,6 +89,19 @@ def init_world(timeout_minutes: float = 10.0) -> World:
                  device=device)
 
 
+def share_cpu_threads(world: World) -> None:
+    """Ranks on one machine share its cores: torch's (on CPU) and numba's (the box metrics) threads alike.
+    An explicit OMP_NUM_THREADS wins."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    import numba
+
+    threads = max(1, (os.cpu_count() or 1) // world.local_world_size)
+    if world.device.type == "cpu":
+        torch.set_num_threads(threads)
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+
+
 def shutdown_world() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

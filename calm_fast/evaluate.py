@@ -51,11 +51,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from calm_fast.config import Config, ConfigError, config_from_dict, config_to_dict, effective_map_kind, load_config
-from calm_fast.config import parse_override
-from calm_fast.distributed import all_reduce_sum
+from calm_fast.config import Config, ConfigError, effective_map_kind, load_config, with_overrides
+from calm_fast.distributed import all_reduce_sum, share_cpu_threads
+from calm_fast.head import MAP_KINDS
 
-MAP_KINDS = ("joint", "posterior", "prior", "class")
 BASELINES = ("centre-gaussian", "image-energy")
 RESULTS_FORMAT = "calm-fast-eval/1"
 V1_IOU = 50  # MaxBoxAcc (v1) is IoU 0.5 with the largest contour only
@@ -118,10 +117,9 @@ class ModelMaps:
 
     def __init__(self, model: torch.nn.Module, method: str, kinds: tuple[str, ...], prior: str = "relu",
                  device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
-        from calm_fast.head import METHODS
+        from calm_fast.models.wsol import check_method
 
-        if method not in METHODS:
-            raise ValueError(f"method: unknown {method!r}; choose one of {', '.join(METHODS)}")
+        check_method(method)
         check_map_kinds(kinds, method)
         self.model, self.method, self.kinds, self.prior = model, method, tuple(kinds), prior
         self.device = torch.device(device)
@@ -679,12 +677,12 @@ def load_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Conf
     path = Path(path)
     if path.is_dir():
         if (path / ckpt.DEEPSPEED_TAG).is_dir():
-            return _load_training_checkpoint(path)
+            return ckpt.consolidate(path)
         if (path / "model.pt").is_file():
             return load_weights(path / "model.pt")
         newest = ckpt.latest_checkpoint(path)
         if newest is not None:
-            return _load_training_checkpoint(newest)
+            return ckpt.consolidate(newest)
         raise FileNotFoundError(f"{path}: neither model.pt, a checkpoint folder nor {ckpt.CHECKPOINTS}/step_* here")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
@@ -693,7 +691,7 @@ def load_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Conf
     except Exception as error:
         raise ValueError(f"{path}: not a PyTorch checkpoint ({type(error).__name__}: {error})") from None
     if isinstance(payload, dict) and payload.get("format") == ckpt.EXPORT_FORMAT:
-        state_dict, cfg, _ = ckpt.load_exported(path)
+        state_dict, cfg, _ = ckpt.unpack_exported(payload, path)
         return state_dict, cfg
     for key in ("state_dict", "model", "module"):
         if isinstance(payload, dict) and isinstance(payload.get(key), dict):
@@ -706,19 +704,6 @@ def load_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Conf
 
 def _strip_prefix(key: str) -> str:
     return key[len("module."):] if key.startswith("module.") else key
-
-
-def _load_training_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], Config | None]:
-    import contextlib
-
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    from calm_fast import checkpoint as ckpt
-
-    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's consolidation chatter
-        state_dict = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=ckpt.DEEPSPEED_TAG)
-    config_path = folder / ckpt.CONFIG_FILE
-    return dict(state_dict), (load_config(config_path) if config_path.is_file() else None)
 
 
 def build_model_from(cfg: Config, num_classes: int, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -861,24 +846,12 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, Path | None, dict[
         state_dict, saved = load_weights(checkpoint)
         if saved is None:
             raise ConfigError(f"{checkpoint}: holds no config; pass --config")
-        cfg = _with_overrides(saved, args.overrides)
+        cfg = with_overrides(saved, args.overrides)
     else:
         raise ConfigError("no config: pass --config TOML, --run RUN_DIR, or a --checkpoint that carries its config")
     if run is not None and not any(o.strip().startswith("run_dir=") for o in args.overrides):
         cfg = dataclasses.replace(cfg, run_dir=str(run))
     return cfg, checkpoint, state_dict
-
-
-def _with_overrides(cfg: Config, overrides: list[str]) -> Config:
-    raw = config_to_dict(cfg)
-    for override in overrides:
-        key, value = parse_override(override)
-        section, _, name = key.rpartition(".")
-        target = raw.setdefault(section, {}) if section else raw
-        if not isinstance(target, dict):
-            raise ConfigError(f"override {override!r}: {section!r} is not a section")
-        target[name or key] = value
-    return config_from_dict({k: v for k, v in raw.items()})
 
 
 def main(args: argparse.Namespace) -> int:
@@ -936,7 +909,7 @@ def _run(args, cfg: Config, checkpoint: Path | None, state_dict: dict[str, torch
     console = Console()
     if not console.is_terminal:
         console = Console(width=120)  # logs: wide enough for the results table
-    _share_cpu_threads(world)
+    share_cpu_threads(world)
     settings = EvalSettings.from_config(cfg, per_class=args.per_class, overlay_count=args.overlays,
                                         save_maps=args.save_maps)
     info: dict[str, Any] = {"world_size": world.world_size}
@@ -968,18 +941,6 @@ def _run(args, cfg: Config, checkpoint: Path | None, state_dict: dict[str, torch
             write_reports(evaluation, split, out_dir, info, settings, console=console)
             console.print(f"results: {out_dir / 'results.json'}")
     return 0
-
-
-def _share_cpu_threads(world) -> None:
-    """Ranks on one machine share its cores: torch's and numba's (the box metrics) threads alike."""
-    if "OMP_NUM_THREADS" in os.environ:
-        return
-    import numba
-
-    threads = max(1, (os.cpu_count() or 1) // world.local_world_size)
-    if world.device.type == "cpu":
-        torch.set_num_threads(threads)
-    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
 
 
 def _classes_of(state_dict: dict[str, torch.Tensor], checkpoint: Path) -> int:

@@ -24,7 +24,6 @@ often much faster.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import math
@@ -42,7 +41,8 @@ import torch
 
 from calm_fast import checkpoint as ckpt
 from calm_fast.config import Config, ConfigError, atomic_write_text, load_config, save_config
-from calm_fast.distributed import Watchdog, World, all_reduce_sum, any_rank, barrier, init_world, shutdown_world
+from calm_fast.distributed import (Watchdog, World, all_reduce_sum, any_rank, barrier, init_world, share_cpu_threads,
+                                   shutdown_world)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -348,10 +348,10 @@ def validate(engine, val_loader, val_split, cfg: Config, world: World, dtype: to
     otherwise only top-1 classification accuracy, counted here. Collective."""
     model = engine.module
     if cfg.train.val_localization:
-        evaluate_model = _evaluate_model_or_none(world)
-        if evaluate_model is not None:
-            metrics = evaluate_model(model, val_split, cfg, world=world, dtype=dtype)
-            return {key: value for key, value in metrics.items() if isinstance(value, (int, float, str))}
+        from calm_fast.evaluate import evaluate_model
+
+        metrics = evaluate_model(model, val_split, cfg, world=world, dtype=dtype)
+        return {key: value for key, value in metrics.items() if isinstance(value, (int, float, str))}
     from calm_fast.head import class_log_probs
 
     was_training = model.training
@@ -366,21 +366,6 @@ def validate(engine, val_loader, val_split, cfg: Config, world: World, dtype: to
     all_reduce_sum(counts)
     model.train(was_training)
     return {"cls_top1_acc": 100.0 * counts[0].item() / max(1, counts[1].item()), "num_images": counts[1].item()}
-
-
-_warned = {"localization": False}
-
-
-def _evaluate_model_or_none(world: World):
-    """calm_fast.evaluate.evaluate_model, or None (said once) while that module is not installed."""
-    try:
-        from calm_fast.evaluate import evaluate_model
-    except ImportError as error:
-        if world.is_main and not _warned["localization"]:
-            print(f"[calm-fast] localization metrics skipped during training: {error}", file=sys.stderr)
-            _warned["localization"] = True
-        return None
-    return evaluate_model
 
 
 # ------------------------------------------------------------------------------------------- the loop
@@ -423,8 +408,7 @@ def _train(cfg: Config, world: World, watchdog: Watchdog, resume: bool) -> dict[
     from calm_fast.head import calm_loss, method_objective
 
     _quiet_deepspeed()
-    if world.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world.local_world_size))
+    share_cpu_threads(world)
     run_dir = Path(cfg.run_dir)
     existing = _check_run_dir(cfg, world, resume)
 
@@ -520,8 +504,7 @@ def _train(cfg: Config, world: World, watchdog: Watchdog, resume: bool) -> dict[
     if cfg.train.export and checkpoint_path is not None:
         model_path = run_dir / "model.pt"
         if world.is_main:
-            with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's consolidation chatter
-                ckpt.export_model(checkpoint_path, model_path)
+            ckpt.export_model(checkpoint_path, model_path)
         barrier()
     summary = {"steps": step, "total_steps": total_steps, "epochs": step / steps_per_epoch,
                "loader": "ffcv" if isinstance(train_batches, FFCVTrainBatches) else "torch",

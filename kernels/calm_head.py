@@ -60,7 +60,8 @@ import torch
 import triton
 import triton.language as tl
 
-PRIORS = ("relu", "softmax")
+from calm_fast.head import PRIORS, _check_choice
+
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -465,8 +466,7 @@ class CalmHeadFunction(torch.autograd.Function):
 
 
 def _check_inputs(class_logits, location_scores, prior, labels):
-    if prior not in PRIORS:
-        raise ValueError(f"prior={prior!r}: expected one of {', '.join(PRIORS)}")
+    _check_choice("prior", prior, PRIORS)
     if not isinstance(class_logits, torch.Tensor) or class_logits.dim() != 3:
         shape = tuple(class_logits.shape) if isinstance(class_logits, torch.Tensor) else type(class_logits)
         raise ValueError(f"class_logits must be a [B, K, N] tensor, got {shape}")

@@ -20,17 +20,16 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import statistics
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from calm_fast import head
+from calm_fast.report import write_json
 
 PAPER_SHAPES = ("64x200x28x28", "64x1000x28x28", "256x200x28x28", "256x1000x28x28")
 SMOKE_SHAPES = ("2x10x3x5",)
@@ -357,13 +356,6 @@ def _format_row(row: dict) -> str:
             f"{row['fused_bandwidth_gbs']:9.1f}{ratio(row['fraction_of_peak'])}  {memory}")
 
 
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(temporary, path)
-
-
 def main(args: argparse.Namespace) -> int:
     device = _resolve_device(args.device)
     rep = args.rep or (50 if device.type == "cuda" else 3)
@@ -397,6 +389,6 @@ def main(args: argparse.Namespace) -> int:
                "objective": args.objective, "repetitions": rep, "peak_bandwidth_gbs": peak_gbs,
                "copy_bandwidth_gbs": copy_gbs, "targets": TARGETS, "correctness": checks, "benchmarks": rows}
     if args.out:
-        _write_json_atomic(Path(args.out), results)
+        write_json(args.out, results)
         print(f"  results written to {args.out}")
     return 0 if all(check["passed"] for check in checks) else 1

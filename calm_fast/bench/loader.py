@@ -16,7 +16,6 @@ under --work-dir and kept for later runs.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -45,10 +44,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="write the results as JSON to this file")
 
 
-def _usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def _prepare_split(args: argparse.Namespace):
     """The WSOLSplit to read: the given dataset, or a synthetic one generated (once) under --work-dir."""
     from calm_fast.data.metadata import default_image_root, default_metadata_root, read_split
@@ -56,6 +51,7 @@ def _prepare_split(args: argparse.Namespace):
     if args.data_root:
         image_root = args.image_root or default_image_root(args.data_root, args.dataset, args.split)
         return read_split(default_metadata_root(args.data_root), args.dataset, args.split, image_root)
+    from calm_fast.data.ffcv import usable_cores
     from calm_fast.data.synthetic import generate
 
     name = f"BENCH{args.image_size}"
@@ -65,7 +61,7 @@ def _prepare_split(args: argparse.Namespace):
     if existing != args.images:
         print(f"generating {args.images} synthetic images of about {args.image_size}px under {root}")
         generate(root, name=name, sizes={"train": args.images}, image_size=args.image_size,
-                 workers=_usable_cores(), overwrite=True)
+                 workers=usable_cores(), overwrite=True)
     return read_split(root / "metadata", name, "train", root / name)
 
 
@@ -108,7 +104,8 @@ def main(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from calm_fast.data.ffcv import ConvertOptions, beton_path_for, ensure_beton
+    from calm_fast.data.ffcv import ConvertOptions, ensure_beton, usable_cores
+    from calm_fast.report import write_json
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes or any(m not in ("train", "eval") for m in modes):
@@ -116,14 +113,14 @@ def main(args: argparse.Namespace) -> int:
     if args.repeats < 1:
         raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")
     console = Console()
-    workers = args.workers or _usable_cores()
+    workers = args.workers or usable_cores()
     split = _prepare_split(args)
     summary = ensure_beton(split, Path(args.work_dir) / "ffcv", ConvertOptions(), num_workers=workers)
-    beton = beton_path_for(Path(args.work_dir) / "ffcv", split.dataset, split.split)
+    beton = summary.beton_path
 
     results = {
         "part": "loader",
-        "machine": {"cpu": platform.processor() or platform.machine(), "usable_cores": _usable_cores(),
+        "machine": {"cpu": platform.processor() or platform.machine(), "usable_cores": usable_cores(),
                     "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
         "dataset": {"name": split.dataset, "split": split.split, "images": len(split),
                     "mean_image_size": [float(v) for v in split.image_sizes.mean(axis=0)]},
@@ -146,10 +143,5 @@ def main(args: argparse.Namespace) -> int:
                       f"{result['ratio_ffcv_over_torch']:.2f}x")
     console.print(table)
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        temporary = out.with_name(f".{out.name}.partial-{os.getpid()}")
-        temporary.write_text(json.dumps(results, indent=2) + "\n")
-        os.replace(temporary, out)
-        console.print(f"results: {out}")
+        console.print(f"results: {write_json(args.out, results)}")
     return 0

@@ -434,7 +434,8 @@ def _remove_stale_partials(beton_path: Path) -> None:
             continue
 
 
-def _default_workers() -> int:
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
@@ -454,7 +455,7 @@ def convert_split(
     from ffcv.writer import DatasetWriter
 
     options.validate()
-    num_workers = _default_workers() if num_workers is None else int(num_workers)
+    num_workers = usable_cores() if num_workers is None else int(num_workers)
     if num_workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")
     beton_path = Path(beton_path)
@@ -605,11 +606,10 @@ class FFCVLoader:
     ``batches_ahead + 2`` buffers: clone what you keep longer than that.
     """
 
-    def __init__(self, loader, order, num_samples: int, batch_size: int):
+    def __init__(self, loader, order, num_samples: int):
         self._loader = loader
         self._order = order
         self.num_samples = num_samples  # samples this rank visits per epoch (after padding / drop_last)
-        self.batch_size = batch_size
 
     def __len__(self) -> int:
         """Batches in a full epoch of this rank (also when the next epoch skips some)."""
@@ -748,7 +748,7 @@ def build_ffcv_loader(
             batches_ahead=batches_ahead,
             pipelines={"image": image_pipeline, "label": label_pipeline, "index": index_pipeline},
         )
-    return FFCVLoader(loader, order, len(loader.first_traversal_order), batch_size)
+    return FFCVLoader(loader, order, len(loader.first_traversal_order))
 
 
 def _check_fields(beton_path: Path) -> None:

@@ -176,8 +176,7 @@ class BoxAccuracy:
     def merge(self, other: "BoxAccuracy") -> "BoxAccuracy":
         """Add another accumulator's counts (same settings) into this one; returns self."""
         self._check_compatible(other)
-        self.load_state_dict({name: value + other.state_dict()[name]
-                              for name, value in self.state_dict().items()})
+        _add_counts(self, other)
         return self
 
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -223,6 +222,12 @@ class BoxAccuracy:
             raise RuntimeError(f"labels were given for {labelled} of {count} images; top-1 localisation "
                                f"needs them for all or none")
         return result
+
+
+def _add_counts(metric, other) -> None:
+    """Add `other`'s state into `metric`'s (the caller checked that their settings match)."""
+    theirs = other.state_dict()
+    metric.load_state_dict({name: value + theirs[name] for name, value in metric.state_dict().items()})
 
 
 def _load_counts(metric, state: dict, template: dict[str, np.ndarray]) -> None:

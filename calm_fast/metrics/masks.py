@@ -9,7 +9,7 @@ import cv2
 import numba
 import numpy as np
 
-from calm_fast.metrics.boxes import _load_counts
+from calm_fast.metrics.boxes import _add_counts, _load_counts
 from calm_fast.metrics.scoremaps import SCOREMAP_SIZE, cam_thresholds, check_scoremaps
 
 IGNORE = 255  # value of an ignored pixel in a GT mask; 1 is foreground, 0 background
@@ -106,8 +106,7 @@ class PixelAP:
         if other.cam_curve_interval != self.cam_curve_interval:
             raise ValueError(f"cannot merge PixelAP with cam_curve_interval {other.cam_curve_interval} "
                              f"into {self.cam_curve_interval}")
-        self.load_state_dict({name: value + other.state_dict()[name]
-                              for name, value in self.state_dict().items()})
+        _add_counts(self, other)
         return self
 
     def state_dict(self) -> dict[str, np.ndarray]:

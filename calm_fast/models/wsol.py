@@ -7,6 +7,8 @@ import os
 import torch
 from torch import nn
 
+from calm_fast.head import METHODS
+
 from calm_fast.models.backbones import (
     Backbone,
     build_backbone,
@@ -16,13 +18,12 @@ from calm_fast.models.backbones import (
     torchvision_checkpoint,
 )
 
-METHODS = ("cam", "calm-em", "calm-ml")
 
 # build_model(pretrained=TORCHVISION) takes torchvision's ImageNet weights (from torch hub's cache).
 TORCHVISION = "torchvision"
 
 
-def _check_method(method: str) -> None:
+def check_method(method: str) -> None:
     if method not in METHODS:
         raise ValueError(f"method: unknown {method!r}; choose one of {', '.join(METHODS)}")
 
@@ -35,7 +36,7 @@ class WSOLModel(nn.Module):
 
     def __init__(self, backbone: Backbone, num_classes: int, method: str):
         super().__init__()
-        _check_method(method)
+        check_method(method)
         if num_classes < 1:
             raise ValueError(f"num_classes: must be at least 1, got {num_classes}")
         self.method = method
@@ -87,7 +88,7 @@ def build_model(
         weights (cached by torch hub, downloaded once where the network allows); None trains from scratch.
     batch_norm: VGG16-BN and BatchNorm in the new convs (see ``build_backbone``).
     """
-    _check_method(method)  # before building (and maybe loading) a backbone
+    check_method(method)  # before building (and maybe loading) a backbone
     trunk = build_backbone(backbone, large_feature_map, batch_norm)
     if pretrained is not None:
         arch = checkpoint_arch(backbone, batch_norm)
