@@ -572,15 +572,7 @@ def build_eval_loader(cfg: Config, split, rank: int = 0, world_size: int = 1,
     from calm_fast.data.torch_loader import build_torch_loader
 
     data = cfg.data
-    beton = ffcv.beton_path_for(data.beton_dir or Path(data.root) / "ffcv", split.dataset, split.split)
-    matches = beton.is_file() and _beton_matches(split, beton)
-    if data.loader == "ffcv" and beton.is_file() and not matches:
-        raise FileNotFoundError(f"{beton} does not match {split.metadata_dir} (converted from other metadata "
-                                "or options): run `calm-fast convert` again")
-    if data.loader == "torch" or (data.loader == "auto" and not matches):
-        kind = "torch"
-    else:
-        kind = ffcv.resolve_loader_kind(data.loader, [beton])
+    kind, beton = loader_kind(cfg, split)
     if kind == "ffcv":
         return ffcv.build_ffcv_loader(beton, train=False, input_size=data.input_size,
                                       batch_size=cfg.eval.batch_size, num_workers=max(1, data.workers),
@@ -589,6 +581,22 @@ def build_eval_loader(cfg: Config, split, rank: int = 0, world_size: int = 1,
                               batch_size=cfg.eval.batch_size, num_workers=data.workers, rank=rank,
                               world_size=world_size, seed=cfg.train.seed, drop_last=False,
                               pin_memory=torch.device(device).type == "cuda")
+
+
+def loader_kind(cfg: Config, split) -> tuple[str, Path]:
+    """("ffcv" or "torch", the split's .beton path) for data.loader: "auto" takes FFCV when the split's
+    .beton exists and matches its metadata, "ffcv" insists (a stale file is an error), "torch" never uses it."""
+    from calm_fast.data import ffcv
+
+    data = cfg.data
+    beton = ffcv.beton_path_for(data.beton_dir or Path(data.root) / "ffcv", split.dataset, split.split)
+    matches = beton.is_file() and _beton_matches(split, beton)
+    if data.loader == "ffcv" and beton.is_file() and not matches:
+        raise FileNotFoundError(f"{beton} does not match {split.metadata_dir} (converted from other metadata "
+                                "or options): run `calm-fast convert` again")
+    if data.loader == "torch" or (data.loader == "auto" and not matches):
+        return "torch", beton
+    return ffcv.resolve_loader_kind(data.loader, [beton]), beton
 
 
 def _beton_matches(split, beton: Path) -> bool:
@@ -605,15 +613,16 @@ def _beton_matches(split, beton: Path) -> bool:
     return ffcv.is_up_to_date(split, beton, options)
 
 
-def read_eval_split(cfg: Config, split_name: str, num_classes: int | None = None):
+def read_configured_split(cfg: Config, split_name: str, num_classes: int | None = None):
     """Read `split_name` of the configured dataset as a WSOLSplit (labels bounded by `num_classes`, default
-    data.num_classes, else the split's largest label + 1)."""
+    data.num_classes, else the split's largest label + 1). The image root is the one configured for the
+    split of that name (data.train_split / val_split / test_split), else DATA.md's default."""
     from calm_fast.data.metadata import default_image_root, default_metadata_root, read_split
 
     data = cfg.data
     metadata_root = data.metadata_root or default_metadata_root(data.root)
-    image_root = {"train": data.train_image_root, "val": data.val_image_root,
-                  "test": data.test_image_root}.get(split_name)
+    image_root = {data.test_split: data.test_image_root, data.val_split: data.val_image_root,
+                  data.train_split: data.train_image_root}.get(split_name)
     image_root = image_root or default_image_root(data.root, data.dataset, split_name)
     return read_split(metadata_root, data.dataset, split_name, image_root, mask_root=data.mask_root,
                       num_classes=num_classes or data.num_classes)
@@ -924,7 +933,7 @@ def _run(args, cfg: Config, checkpoint: Path | None, state_dict: dict[str, torch
         info.update(source="model", checkpoint=str(checkpoint), backbone=cfg.model.backbone,
                     method=cfg.model.method, prior=cfg.model.prior)
     for split_name in splits:
-        split = read_eval_split(cfg, split_name, num_classes)
+        split = read_configured_split(cfg, split_name, num_classes)
         if args.baseline:
             source: MapFn = BaselineMaps(kinds)
         else:

@@ -41,14 +41,20 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name}={value!r}: expected one of {', '.join(choices)}")
 
 
-def _flatten_inputs(class_logits: torch.Tensor, location_scores: torch.Tensor):
-    """[B,K,H,W], [B,1,H,W] -> fp32 [B,K,N], [B,N], after checking the shapes agree."""
+def _check_shapes(class_logits: torch.Tensor, location_scores: torch.Tensor | None) -> tuple[int, int, int, int]:
+    """(B, K, H, W) once class_logits [B,K,H,W] and location_scores [B,1,H,W] are checked to agree."""
     if class_logits.dim() != 4:
         raise ValueError(f"class_logits must be [B, K, H, W], got shape {tuple(class_logits.shape)}")
     b, k, h, w = class_logits.shape
     if location_scores is None or tuple(location_scores.shape) != (b, 1, h, w):
         got = None if location_scores is None else tuple(location_scores.shape)
         raise ValueError(f"location_scores must be [B, 1, H, W] = {(b, 1, h, w)}, got {got}")
+    return b, k, h, w
+
+
+def _flatten_inputs(class_logits: torch.Tensor, location_scores: torch.Tensor):
+    """[B,K,H,W], [B,1,H,W] -> fp32 [B,K,N], [B,N], after checking the shapes agree."""
+    b, k, h, w = _check_shapes(class_logits, location_scores)
     return class_logits.float().reshape(b, k, h * w), location_scores.float().reshape(b, h * w)
 
 
@@ -84,9 +90,7 @@ def _use_kernels(tensor: torch.Tensor, backend: str | None) -> bool:
 def _fused(class_logits, location_scores, labels, prior):
     from calm_fast.kernels.calm_head import calm_head
 
-    b, k, h, w = class_logits.shape
-    if location_scores is None or tuple(location_scores.shape) != (b, 1, h, w):
-        raise ValueError(f"location_scores must be [B, 1, H, W] = {(b, 1, h, w)}")
+    b, k, h, w = _check_shapes(class_logits, location_scores)
     return calm_head(class_logits.reshape(b, k, h * w), location_scores.reshape(b, h * w), prior, labels)
 
 
@@ -155,9 +159,9 @@ def attribution_map(class_logits, location_scores, labels, kind: str = "joint", 
     labels = labels.long()
     if kind == "class":
         return class_logits.float()[torch.arange(b, device=labels.device), labels]
-    if kind == "prior":
-        _, a = _flatten_inputs(class_logits, location_scores)
-        return log_prior(a, prior).exp().reshape(b, h, w)
+    if kind == "prior":  # class-agnostic: S is not needed, so not copied to fp32 either
+        _check_shapes(class_logits, location_scores)
+        return log_prior(location_scores.float().reshape(b, h * w), prior).exp().reshape(b, h, w)
     joint = log_joint(class_logits, location_scores, prior)
     joint_y = joint[torch.arange(b, device=labels.device), labels]  # [B, N]
     if kind == "posterior":

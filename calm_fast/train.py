@@ -193,20 +193,11 @@ class TrainBatches:
 
 
 def read_splits(cfg: Config):
-    """(train split, val split) as WSOLSplit."""
-    from calm_fast.data.metadata import default_image_root, default_metadata_root, read_split
+    """(train split, val split) as WSOLSplit; the val labels are bounded by the train split's classes."""
+    from calm_fast.evaluate import read_configured_split
 
-    data = cfg.data
-    metadata_root = data.metadata_root or default_metadata_root(data.root)
-
-    def read(split: str, image_root: str | None, num_classes: int | None):
-        root = image_root or default_image_root(data.root, data.dataset, split)
-        return read_split(metadata_root, data.dataset, split, root, mask_root=data.mask_root,
-                          num_classes=num_classes)
-
-    train_split = read(data.train_split, data.train_image_root, data.num_classes)
-    val_split = read(data.val_split, data.val_image_root, data.num_classes or train_split.num_classes)
-    return train_split, val_split
+    train_split = read_configured_split(cfg, cfg.data.train_split)
+    return train_split, read_configured_split(cfg, cfg.data.val_split, train_split.num_classes)
 
 
 class FFCVTrainBatches:
@@ -236,42 +227,26 @@ class FFCVTrainBatches:
             yield batch
 
 
-def train_beton_paths(cfg: Config, train_split, val_split) -> list[Path]:
-    from calm_fast.data.ffcv import beton_path_for
-
-    folder = cfg.data.beton_dir or Path(cfg.data.root) / "ffcv"
-    return [beton_path_for(folder, split.dataset, split.split) for split in (train_split, val_split)]
-
-
 def build_loaders(cfg: Config, world: World, train_split, val_split):
     """(training batches, validation loader) for this rank: the one place that picks the loader.
 
     data.loader: "torch" reads the image files (our global-batch sampler: rank-invariant and bitwise
-    resumable); "ffcv" reads the .beton files of `calm-fast convert`; "auto" takes FFCV when both the train
-    and val .beton exist and match the metadata, else torch.
+    resumable); "ffcv" reads the .beton files of `calm-fast convert`; "auto" takes FFCV for each split whose
+    .beton exists and matches the metadata, else torch (`calm_fast.evaluate.loader_kind`).
     """
     from calm_fast.data import torch_loader
-    from calm_fast.evaluate import build_eval_loader
+    from calm_fast.evaluate import build_eval_loader, loader_kind
 
     data = cfg.data
     val_loader = build_eval_loader(replace(cfg, eval=replace(cfg.eval, batch_size=data.eval_batch_size)),
                                    val_split, world.rank, world.world_size, world.device)
-    kind = "torch"
-    if data.loader != "torch":
-        from calm_fast.data import ffcv
-        from calm_fast.evaluate import _beton_matches
-
-        betons = train_beton_paths(cfg, train_split, val_split)
-        kind = ffcv.resolve_loader_kind(data.loader, betons)
-        if kind == "ffcv" and not _beton_matches(train_split, betons[0]):
-            if data.loader == "ffcv":
-                raise FileNotFoundError(f"{betons[0]} does not match the metadata of {train_split.dataset} "
-                                        f"{train_split.split}: run `calm-fast convert` again")
-            kind = "torch"
+    kind, beton = loader_kind(cfg, train_split)
     if kind == "ffcv":
+        from calm_fast.data import ffcv
+
         micro = data.batch_size // (world.world_size * cfg.train.grad_accum)
         dtype = DTYPES[cfg.train.precision] if world.device.type == "cuda" else torch.float32
-        loader = ffcv.build_ffcv_loader(betons[0], train=True, input_size=data.input_size,
+        loader = ffcv.build_ffcv_loader(beton, train=True, input_size=data.input_size,
                                         resize_size=data.resize_size, batch_size=micro,
                                         num_workers=max(1, data.workers), rank=world.rank,
                                         world_size=world.world_size, seed=cfg.train.seed, device=world.device,

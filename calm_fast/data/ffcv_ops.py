@@ -18,7 +18,9 @@ from ffcv.pipeline.operation import Operation
 from ffcv.pipeline.state import State
 from ffcv.traversal_order.base import TraversalOrder
 
-__all__ = ["WSOLImageDecoder", "NormalizeOnDevice", "ShardedOrder", "shard_order"]
+from calm_fast.data.torch_loader import shard_order
+
+__all__ = ["WSOLImageDecoder", "NormalizeOnDevice", "ShardedOrder"]
 
 
 DECODER_MODES = ("eval", "reference", "rrc")
@@ -198,32 +200,6 @@ class NormalizeOnDevice(Operation):
             return ((images.float() - mean) * inverse_std).to(dtype=dtype, memory_format=memory_format)
 
         return normalize
-
-
-def shard_order(
-    indices: np.ndarray,
-    rank: int,
-    world_size: int,
-    shuffle: bool,
-    seed: int,
-    epoch: int,
-    pad: bool,
-) -> np.ndarray:
-    """This rank's samples for one epoch.
-
-    ``shuffle``: a permutation of all samples drawn from ``(seed, epoch)``, the same on every rank.
-    ``pad``: repeat samples from the start of that order until every rank gets ``ceil(N / world_size)``
-    (as torch's DistributedSampler does), so that all ranks take the same number of steps; without it
-    every sample goes to exactly one rank and ranks differ in size by at most one.
-    Rank ``r`` takes positions ``r, r + world_size, ...``.
-    """
-    order = np.asarray(indices)
-    if shuffle:
-        order = np.random.default_rng([seed, epoch]).permutation(order)
-    if pad and len(order) % world_size:
-        missing = world_size - len(order) % world_size
-        order = np.concatenate([order, np.resize(order, missing)])
-    return order[rank::world_size]
 
 
 class ShardedOrder(TraversalOrder):

@@ -91,6 +91,32 @@ class WSOLDataset(Dataset):
         return image
 
 
+def shard_order(
+    indices: np.ndarray,
+    rank: int,
+    world_size: int,
+    shuffle: bool,
+    seed: int,
+    epoch: int,
+    pad: bool,
+) -> np.ndarray:
+    """This rank's samples for one epoch.
+
+    ``shuffle``: a permutation of all samples drawn from ``(seed, epoch)``, the same on every rank.
+    ``pad``: repeat samples from the start of that order until every rank gets ``ceil(N / world_size)``
+    (as torch's DistributedSampler does), so that all ranks take the same number of steps; without it
+    every sample goes to exactly one rank and ranks differ in size by at most one.
+    Rank ``r`` takes positions ``r, r + world_size, ...``.
+    """
+    order = np.asarray(indices)
+    if shuffle:
+        order = np.random.default_rng([seed, epoch]).permutation(order)
+    if pad and len(order) % world_size:
+        missing = world_size - len(order) % world_size
+        order = np.concatenate([order, np.resize(order, missing)])
+    return order[rank::world_size]
+
+
 class ShardSampler(Sampler):
     """This rank's share of a dataset, as ``(index, epoch)`` keys.
 
@@ -114,12 +140,8 @@ class ShardSampler(Sampler):
 
     def indices(self) -> np.ndarray:
         """This rank's dataset indices for the current epoch."""
-        if not self.shuffle:
-            return np.arange(self.rank, self.size, self.world_size)
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.size)
-        padded = math.ceil(self.size / self.world_size) * self.world_size
-        order = np.resize(order, padded)  # wraps around to the start
-        return order[self.rank :: self.world_size]
+        return shard_order(np.arange(self.size), self.rank, self.world_size, self.shuffle, self.seed, self.epoch,
+                           pad=self.shuffle)
 
     def __iter__(self):
         epoch = self.epoch
