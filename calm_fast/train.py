@@ -46,17 +46,6 @@ from calm_fast.distributed import (Watchdog, World, all_reduce_sum, any_rank, ba
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-# DeepSpeed settings that the TOML config owns; a DeepSpeed JSON may leave them out, say "auto", or agree.
-_OWNED_DEEPSPEED_KEYS = {
-    "train_batch_size": "data.batch_size",
-    "train_micro_batch_size_per_gpu": "data.batch_size / (train.grad_accum × world size)",
-    "gradient_accumulation_steps": "train.grad_accum",
-    "gradient_clipping": "optim.grad_clip",
-    "zero_optimization.stage": "train.zero_stage",
-    "bf16.enabled": "train.precision",
-    "fp16.enabled": "train.precision",
-}
-
 
 # ------------------------------------------------------------------------------------ DeepSpeed config
 
@@ -68,14 +57,16 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     if global_batch % (accum * world_size):
         raise ConfigError(f"data.batch_size={global_batch} must be a multiple of train.grad_accum ({accum}) "
                           f"× number of ranks ({world_size})")
+    # The settings the TOML owns (value, from where); a DeepSpeed JSON may leave them out, say "auto", or agree.
     owned = {
-        "train_batch_size": global_batch,
-        "train_micro_batch_size_per_gpu": global_batch // (accum * world_size),
-        "gradient_accumulation_steps": accum,
-        "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization.stage": cfg.train.zero_stage,
-        "bf16.enabled": cfg.train.precision == "bf16",
-        "fp16.enabled": cfg.train.precision == "fp16",
+        "train_batch_size": (global_batch, "data.batch_size"),
+        "train_micro_batch_size_per_gpu": (global_batch // (accum * world_size),
+                                           "data.batch_size / (train.grad_accum × world size)"),
+        "gradient_accumulation_steps": (accum, "train.grad_accum"),
+        "gradient_clipping": (cfg.optim.grad_clip, "optim.grad_clip"),
+        "zero_optimization.stage": (cfg.train.zero_stage, "train.zero_stage"),
+        "bf16.enabled": (cfg.train.precision == "bf16", "train.precision"),
+        "fp16.enabled": (cfg.train.precision == "fp16", "train.precision"),
     }
     source = cfg.train.deepspeed_json
     config: dict[str, Any] = {}
@@ -90,7 +81,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
             if section in config:
                 raise ConfigError(f"{source}: remove the {section!r} section; calm-fast builds the optimizer and "
                                   "LR schedule from the [optim] section of the TOML config")
-    for dotted, value in owned.items():
+    for dotted, (value, owner) in owned.items():
         *parents, leaf = dotted.split(".")
         table = config
         for parent in parents:
@@ -98,7 +89,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
         present = table.get(leaf, "auto")
         if present != "auto" and present != value:
             raise ConfigError(f"{source}: {dotted} = {present!r} disagrees with the TOML config ({value!r} from "
-                              f"{_OWNED_DEEPSPEED_KEYS[dotted]}); remove it, set it to \"auto\", or make them agree")
+                              f"{owner}); remove it, set it to \"auto\", or make them agree")
         table[leaf] = value
     if cfg.train.precision == "fp16":
         # Dynamic loss scaling (loss_scale 0) unless the JSON says otherwise.
@@ -160,6 +151,15 @@ def global_batch_indices(num_samples: int, global_batch: int, world_size: int, r
             yield order[start:start + micro]
 
 
+def _steps_per_epoch(num_samples: int, cfg: Config) -> int:
+    """Optimizer steps per epoch: whole global batches only."""
+    steps = num_samples // cfg.data.batch_size
+    if steps == 0:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is larger than the training split "
+                          f"({num_samples} images)")
+    return steps
+
+
 class TrainBatches:
     """The training data of one rank: `steps_per_epoch` and `micro_batches(epoch, first_step)`, which
     yields (images, labels, indices) for the optimizer steps first_step.. of the epoch. Any loader that
@@ -174,10 +174,7 @@ class TrainBatches:
         self.dataset = dataset
         self.num_samples = len(dataset)
         self.cfg, self.world = cfg, world
-        self.steps_per_epoch = self.num_samples // cfg.data.batch_size
-        if self.steps_per_epoch == 0:
-            raise ConfigError(f"data.batch_size={cfg.data.batch_size} is larger than the training split "
-                              f"({self.num_samples} images)")
+        self.steps_per_epoch = _steps_per_epoch(self.num_samples, cfg)
 
     def micro_batches(self, epoch: int, first_step: int = 0):
         cfg, world = self.cfg, self.world
@@ -213,10 +210,7 @@ class FFCVTrainBatches:
     def __init__(self, loader, cfg: Config, num_samples: int):
         self.loader = loader
         self.grad_accum = cfg.train.grad_accum
-        self.steps_per_epoch = num_samples // cfg.data.batch_size
-        if self.steps_per_epoch == 0:
-            raise ConfigError(f"data.batch_size={cfg.data.batch_size} is larger than the training split "
-                              f"({num_samples} images)")
+        self.steps_per_epoch = _steps_per_epoch(num_samples, cfg)
 
     def micro_batches(self, epoch: int, first_step: int = 0):
         self.loader.set_epoch(epoch, skip_batches=first_step * self.grad_accum)

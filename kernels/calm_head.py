@@ -356,7 +356,7 @@ def default_launch_config(num_classes: int, num_cells: int, element_size: int = 
     return LaunchConfig(block_n=block_n, block_k=block_k, num_warps=8)
 
 
-def dram_bytes(batch: int, num_classes: int, num_cells: int, element_size: int, block_n: int = 64) -> dict:
+def dram_bytes(batch: int, num_classes: int, num_cells: int, element_size: int, block_n: int) -> dict:
     """The DRAM traffic stated in the module docstring, in bytes: {"forward", "backward"} (combine in forward)."""
     b, k, n, e = batch, num_classes, num_cells, element_size
     blocks = math.ceil(n / block_n)
@@ -390,25 +390,27 @@ def _forward(class_logits, location_scores, labels, prior, config):
     log_posterior = torch.empty(batch, num_cells, device=device, dtype=compute) if labels is not None else None
     if batch == 0:
         return log_marginal, log_posterior, cell_lse, log_prior
-    labels_arg = labels if labels is not None else cell_lse  # never read without labels
     has_labels = labels is not None
+    labels_arg = labels if has_labels else cell_lse  # never read without labels
+    posterior_arg = log_posterior if has_labels else cell_lse  # never written without labels
+    cells_block = _pow2_between(num_cells, 16, 1024)
     _calm_head_forward_kernel[(batch * num_n_blocks,)](
         class_logits, location_scores, labels_arg,
-        partial_lse, cell_lse, log_prior, log_posterior if has_labels else cell_lse,
+        partial_lse, cell_lse, log_prior, posterior_arg,
         num_classes, num_cells, num_n_blocks,
         *class_logits.stride(), *location_scores.stride(),
         IS_RELU=prior == "relu", HAS_LABELS=has_labels, COMPUTE=_triton_dtype(compute),
         BLOCK_K=config.block_k, BLOCK_N=config.block_n,
-        BLOCK_PRIOR=_pow2_between(num_cells, 16, 1024), num_warps=config.num_warps,
+        BLOCK_PRIOR=cells_block, num_warps=config.num_warps,
     )
     combine_blocks = _pow2_between(num_n_blocks, 16, 64)
     combine_k = _pow2_between(num_classes, 16, 4096 // combine_blocks)
     num_k_chunks = triton.cdiv(num_classes, combine_k)
     _calm_head_combine_kernel[(batch * num_k_chunks,)](
-        partial_lse, log_marginal, log_posterior if has_labels else cell_lse, labels_arg,
+        partial_lse, log_marginal, posterior_arg, labels_arg,
         num_classes, num_cells, num_n_blocks, num_k_chunks,
         HAS_LABELS=has_labels, COMPUTE=_triton_dtype(compute),
-        BLOCK_K=combine_k, BLOCK_BLOCKS=combine_blocks, BLOCK_CELLS=_pow2_between(num_cells, 16, 1024),
+        BLOCK_K=combine_k, BLOCK_BLOCKS=combine_blocks, BLOCK_CELLS=cells_block,
         num_warps=4,
     )
     return log_marginal, log_posterior, cell_lse, log_prior

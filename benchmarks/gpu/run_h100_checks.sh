@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # The GPU check of calm-fast, as one script for a lent GPU machine whose python3 already has torch,
-# triton, numba, OpenCV, rich and matplotlib (not deepspeed or ffcv: those come as wheels in .whl/).
+# triton, numba, OpenCV, rich and matplotlib but not DeepSpeed (and not FFCV, which this check does not use).
+# DeepSpeed and its missing dependencies travel as wheels in .whl/, made beforehand on a machine with pip:
+#   pip wheel --no-deps --no-build-isolation deepspeed==0.19.8 -w .whl
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d .whl \
+#       pydantic pydantic-core annotated-types typing-inspection hjson   (versions as pip resolves them here)
 # Writes every log and result under $OUT (default: runs/gpu-check). Parts run one after the other, each
-# with its own time limit, so one that fails or overruns leaves the others' results.
+# with its own time limit (HEAD_LIMIT, PROFILE_LIMIT, E2E_LIMIT seconds; 0 skips the first two), so one
+# that fails or overruns leaves the others' results.
 #   1. calm-fast bench head: the fused Triton head checked against the PyTorch oracle on the device
 #      (values, gradients, EM loss, edge cases), then timed against plain PyTorch and torch.compile.
 #      benchmarks/gpu/profile_head.py then splits its time into host and per-kernel device time.
@@ -27,8 +32,10 @@ if [ "${HEAD_LIMIT:-300}" != 0 ]; then
   timeout "${HEAD_LIMIT:-300}" python3 -P -m calm_fast.cli bench head --out "$OUT/head.json" > "$OUT/head.log" 2>&1
   echo "bench head: exit $?" | tee -a "$OUT/status.txt"; tail -40 "$OUT/head.log"
 fi
-timeout "${PROFILE_LIMIT:-120}" python3 -P benchmarks/gpu/profile_head.py > "$OUT/profile_head.txt" 2>&1
-echo "profile head: exit $?" | tee -a "$OUT/status.txt"; cat "$OUT/profile_head.txt"
+if [ "${PROFILE_LIMIT:-120}" != 0 ]; then
+  timeout "${PROFILE_LIMIT:-120}" python3 -P benchmarks/gpu/profile_head.py > "$OUT/profile_head.txt" 2>&1
+  echo "profile head: exit $?" | tee -a "$OUT/status.txt"; cat "$OUT/profile_head.txt"
+fi
 
 WORK=/tmp/calm_fast_e2e
 timeout "${E2E_LIMIT:-240}" bash -c "

@@ -14,14 +14,7 @@ PARTS = ("loader", "head", "train", "metrics")
 
 
 def _part_modules():
-    modules = {}
-    for part in PARTS:
-        try:
-            modules[part] = importlib.import_module(f"calm_fast.bench.{part}")
-        except ModuleNotFoundError as error:
-            if error.name != f"calm_fast.bench.{part}":
-                raise
-    return modules
+    return {part: importlib.import_module(f"calm_fast.bench.{part}") for part in PARTS}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,13 +35,9 @@ def _run_all(args: argparse.Namespace) -> int:
     for part, module in _part_modules().items():
         sub = argparse.ArgumentParser(prog=f"calm-fast bench {part}")
         module.add_arguments(sub)
-        part_args = sub.parse_args(["--out", f"{args.out_dir}/{part}.json"] if _has_out(sub) else [])
+        part_args = sub.parse_args(["--out", f"{args.out_dir}/{part}.json"])
         status |= int(module.main(part_args) or 0)
     return status
-
-
-def _has_out(parser: argparse.ArgumentParser) -> bool:
-    return any("--out" in action.option_strings for action in parser._actions)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -58,6 +58,7 @@ from calm_fast.data.metadata import (
     default_metadata_root,
     read_split,
 )
+from calm_fast.data.torch_loader import IMAGENET_MEAN, IMAGENET_STD  # one normalisation for both loaders
 
 __all__ = [
     "ConvertOptions",
@@ -81,8 +82,6 @@ __all__ = [
     "main",
 ]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 SIDECAR_FORMAT = 1
 WRITE_MODES = ("jpg", "raw", "proportion")
