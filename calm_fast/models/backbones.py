@@ -60,27 +60,26 @@ class Backbone(nn.Module):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _init_trunk(module: nn.Module) -> None:
+def _init_layers(module: nn.Module, init_conv_weight) -> None:
+    """`init_conv_weight` for every conv weight in ``module``, zero conv biases, BatchNorm at (1, 0)."""
     for layer in module.modules():
         if isinstance(layer, nn.Conv2d):
-            nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+            init_conv_weight(layer.weight)
             if layer.bias is not None:
                 nn.init.zeros_(layer.bias)
         elif isinstance(layer, nn.BatchNorm2d):
             nn.init.ones_(layer.weight)
             nn.init.zeros_(layer.bias)
+
+
+def _init_trunk(module: nn.Module) -> None:
+    """Kaiming-normal (fan-out) convs: the trunk before pretrained weights, if any, replace it."""
+    _init_layers(module, lambda weight: nn.init.kaiming_normal_(weight, mode="fan_out", nonlinearity="relu"))
 
 
 def init_new_layer(module: nn.Module) -> None:
     """Xavier-uniform weights and zero bias for every conv in ``module``; BatchNorm at (1, 0)."""
-    for layer in module.modules():
-        if isinstance(layer, nn.Conv2d):
-            nn.init.xavier_uniform_(layer.weight)
-            if layer.bias is not None:
-                nn.init.zeros_(layer.bias)
-        elif isinstance(layer, nn.BatchNorm2d):
-            nn.init.ones_(layer.weight)
-            nn.init.zeros_(layer.bias)
+    _init_layers(module, nn.init.xavier_uniform_)
 
 
 def _conv_block(in_channels: int, out_channels: int, batch_norm: bool) -> nn.Sequential:
