@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -95,6 +96,8 @@ def train_jobs(args: argparse.Namespace, out: Path) -> list[tuple[str, list[str]
             run_dir = out / run_name(kind, seed)
             if (run_dir / "model.pt").exists():
                 continue
+            if run_dir.exists():  # an interrupted run: start it again from scratch (same seed, same result)
+                shutil.rmtree(run_dir)
             argv = ["train", "-c", args.config, *args.overrides, f"data.root={args.data}", f"run_dir={run_dir}",
                     f"model.method={method}", f"train.precision={precision}", f"train.seed={seed}",
                     f"train.max_steps={args.steps}", "train.epochs=1000", "train.max_minutes=1e6",
