@@ -28,6 +28,7 @@ demo: setup
 	$(VENV)/bin/calm-fast demo
 
 test: setup
+	PYTHONPATH=$(CURDIR) $(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 bench: setup

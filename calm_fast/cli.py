@@ -9,9 +9,9 @@ import sys
 # subcommand -> module; the module docstring's first line is the subcommand's help.
 SUBCOMMANDS = {
     "synth": "calm_fast.data.synthetic",
-    "convert": "calm_fast.data.ffcv",
-    "train": "calm_fast.train",
-    "eval": "calm_fast.evaluate",
+    "convert": "calm_fast.data.ffcv_convert",
+    "train": "calm_fast.train.cli",
+    "eval": "calm_fast.evaluate.cli",
     "bench": "calm_fast.bench",
     "demo": "calm_fast.demo",
 }

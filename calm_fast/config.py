@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+from calm_fast.atomic import atomic_write_text
+from calm_fast.modes import CAM_MAPS_ONLY, LoaderKind, MapKind, Method, Precision, Prior, Schedule
+
 ZERO_STAGES = (1, 2)
-SCHEDULES = ("step", "cosine")
-LOADERS = ("auto", "ffcv", "torch")
 
 
 class ConfigError(ValueError):
@@ -289,16 +289,14 @@ def _choice(cfg_value, choices, key, origin):
 
 def validate(cfg: Config, origin: dict[str, str] | None = None) -> None:
     """Check choices and ranges that the types alone do not catch."""
-    from calm_fast.head import MAP_KINDS, METHODS, PRIORS  # the head defines what it computes
-
     origin = origin or {}
-    _choice(cfg.model.method, METHODS, "model.method", origin)
-    _choice(cfg.model.prior, PRIORS, "model.prior", origin)
-    _choice(cfg.train.precision, PRECISIONS, "train.precision", origin)
+    _choice(cfg.model.method, tuple(Method), "model.method", origin)
+    _choice(cfg.model.prior, tuple(Prior), "model.prior", origin)
+    _choice(cfg.train.precision, tuple(Precision), "train.precision", origin)
     _choice(cfg.train.zero_stage, ZERO_STAGES, "train.zero_stage", origin)
-    _choice(cfg.optim.schedule, SCHEDULES, "optim.schedule", origin)
-    _choice(cfg.data.loader, LOADERS, "data.loader", origin)
-    _choice(cfg.eval.map_kind, ("auto", *MAP_KINDS), "eval.map_kind", origin)
+    _choice(cfg.optim.schedule, tuple(Schedule), "optim.schedule", origin)
+    _choice(cfg.data.loader, tuple(LoaderKind), "data.loader", origin)
+    _choice(cfg.eval.map_kind, ("auto", *MapKind), "eval.map_kind", origin)
     positive = {
         "data.input_size": cfg.data.input_size, "data.resize_size": cfg.data.resize_size,
         "data.batch_size": cfg.data.batch_size, "data.eval_batch_size": cfg.data.eval_batch_size,
@@ -330,8 +328,7 @@ def validate(cfg: Config, origin: dict[str, str] | None = None) -> None:
     if cfg.model.prior == "softmax" and cfg.model.method == "cam":
         raise ConfigError(f"{_where(origin, 'model.prior')}: model.prior only applies to CALM methods")
     if cfg.model.method == "cam" and cfg.eval.map_kind in ("joint", "posterior", "prior"):
-        raise ConfigError(f"{_where(origin, 'eval.map_kind')}: eval.map_kind={cfg.eval.map_kind!r} needs a "
-                          "CALM model (location head); CAM has only the 'class' map")
+        raise ConfigError(f"{_where(origin, 'eval.map_kind')}: eval.map_kind={cfg.eval.map_kind!r} {CAM_MAPS_ONLY}")
 
 
 # --------------------------------------------------------------------------------------------- writing
@@ -367,13 +364,6 @@ def _toml_value(value: Any) -> str:
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
     """Write the config as TOML, atomically."""
     atomic_write_text(Path(path), dump_toml(cfg))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file atomically (calm_fast.report.atomic_write_bytes: temporary file, then os.replace)."""
-    from calm_fast.report import atomic_write_bytes
-
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def effective_map_kind(cfg: Config) -> str:

@@ -20,10 +20,13 @@ import sys
 import time
 from pathlib import Path
 
+from calm_fast.atomic import write_json
 from calm_fast.config import load_config
+from calm_fast.evaluate.job import headline
+from calm_fast.evaluate.maps import BASELINES
+from calm_fast.modes import Method
 
-METHODS = ("calm-em", "cam")
-BASELINES = ("centre-gaussian", "image-energy")
+METHODS = (Method.CALM_EM, Method.CAM)  # the demo's two trained models
 TARGET_MARGIN = 15.0
 BASELINE_CEILING = 35.0
 
@@ -112,11 +115,7 @@ def _last_record(path: Path, kind: str) -> dict:
 
 
 def _headline(results: dict, map_name: str) -> dict:
-    from calm_fast.evaluate import headline
-
-    entry = results["maps"][map_name]
-    out = headline(entry)
-    return out
+    return headline(results["maps"][map_name])
 
 
 def main(args: argparse.Namespace) -> int:
@@ -152,8 +151,6 @@ def main(args: argparse.Namespace) -> int:
     verdict = _verdict(rows)
     summary = {"rows": rows, "target": verdict, "seconds": round(time.perf_counter() - started, 1),
                "config": args.config, "data": args.data}
-    from calm_fast.report import write_json
-
     write_json(run_root / "demo.json", summary)
     _print_table(rows, verdict, summary["seconds"])
     return 0

@@ -89,6 +89,11 @@ def init_world(timeout_minutes: float = 10.0) -> World:
                  device=device)
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def share_cpu_threads(world: World) -> None:
     """Ranks on one machine share its cores: torch's (on CPU) and numba's (the box metrics) threads alike.
     An explicit OMP_NUM_THREADS wins."""

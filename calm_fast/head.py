@@ -18,27 +18,26 @@ nothing overflows for logits of ±1e4 and nothing is NaN. Choices that differ fr
 
 The plain-PyTorch functions are the oracle that the kernels in `calm_fast.kernels` are tested against.
 `backend="auto"` uses the kernels for CUDA tensors and PyTorch elsewhere; the environment variable
-CALM_FAST_HEAD_BACKEND (torch | triton | auto) changes the default.
+CALM_FAST_HEAD_BACKEND (torch | triton | auto) changes the default (read once per process). Mode arguments
+(method, objective, prior, map kind, backend) are `calm_fast.modes` members or their string values.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
 import torch
 import torch.nn.functional as F
 
-PRIORS = ("relu", "softmax")
-OBJECTIVES = ("em", "ml", "cam")
-METHODS = ("cam", "calm-em", "calm-ml")
-MAP_KINDS = ("joint", "posterior", "prior", "class")
-BACKENDS = ("auto", "torch", "triton")
+from calm_fast.modes import Backend, MapKind, Method, Objective, Prior, parse
 
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r}: expected one of {', '.join(choices)}")
+@functools.cache
+def default_backend() -> Backend:
+    """The backend used when a call names none: CALM_FAST_HEAD_BACKEND (torch | triton | auto, default
+    auto), read once per process."""
+    return parse(Backend, os.environ.get("CALM_FAST_HEAD_BACKEND", Backend.AUTO), "CALM_FAST_HEAD_BACKEND")
 
 
 def _check_shapes(class_logits: torch.Tensor, location_scores: torch.Tensor | None) -> tuple[int, int, int, int]:
@@ -60,7 +59,7 @@ def _flatten_inputs(class_logits: torch.Tensor, location_scores: torch.Tensor):
 
 def log_prior(location_scores_flat: torch.Tensor, prior: str = "relu") -> torch.Tensor:
     """log p(z | x) from fp32 location scores [B, N]; -inf on cells whose relu prior is zero."""
-    _check_choice("prior", prior, PRIORS)
+    prior = parse(Prior, prior, "prior")
     if prior == "softmax":
         return torch.log_softmax(location_scores_flat, dim=1)
     r = torch.relu(location_scores_flat)
@@ -79,12 +78,11 @@ def log_joint(class_logits: torch.Tensor, location_scores: torch.Tensor, prior: 
     return torch.log_softmax(s, dim=1) + log_prior(a, prior).unsqueeze(1)
 
 
-def _use_kernels(tensor: torch.Tensor, backend: str | None) -> bool:
-    backend = backend or os.environ.get("CALM_FAST_HEAD_BACKEND", "auto")
-    _check_choice("backend", backend, BACKENDS)
-    if backend == "auto":
+def _use_kernels(tensor: torch.Tensor, backend: Backend | str | None) -> bool:
+    backend = default_backend() if backend is None else parse(Backend, backend, "backend")
+    if backend == Backend.AUTO:
         return tensor.is_cuda
-    return backend == "triton"
+    return backend == Backend.TRITON
 
 
 def _fused(class_logits, location_scores, labels, prior):
@@ -96,7 +94,7 @@ def _fused(class_logits, location_scores, labels, prior):
 
 def log_marginal(class_logits, location_scores, prior: str = "relu", backend: str | None = None):
     """log p(y | x) for every class: fp32 [B, K]."""
-    _check_choice("prior", prior, PRIORS)
+    prior = parse(Prior, prior, "prior")
     if _use_kernels(class_logits, backend):
         return _fused(class_logits, location_scores, None, prior)[0]
     return torch.logsumexp(log_joint(class_logits, location_scores, prior), dim=2)
@@ -109,7 +107,7 @@ def cam_log_probs(class_logits: torch.Tensor) -> torch.Tensor:
 
 def class_log_probs(class_logits, location_scores, method: str, prior: str = "relu", backend=None):
     """log p(y | x) used for classification by any method: fp32 [B, K]."""
-    _check_choice("method", method, METHODS)
+    method = parse(Method, method, "method")
     if method == "cam":
         return cam_log_probs(class_logits)
     return log_marginal(class_logits, location_scores, prior, backend)
@@ -127,7 +125,7 @@ def calm_loss(class_logits, location_scores, labels, objective: str = "em", prio
     its value is L_ml + H(q) and its gradient equals that of "ml" (Fisher's identity, CALM.md §1), which is
     how the fused path computes it. "cam": cross-entropy of GAP(S) (location_scores may be None).
     """
-    _check_choice("objective", objective, OBJECTIVES)
+    objective = parse(Objective, objective, "objective")
     labels = labels.long()
     if objective == "cam":
         return F.nll_loss(cam_log_probs(class_logits), labels)
@@ -154,7 +152,7 @@ def attribution_map(class_logits, location_scores, labels, kind: str = "joint", 
     joint = p(y, z | x) (the CALM map), posterior = p(z | x, y), prior = p(z | x) (class-agnostic),
     class = S[y] (raw class logits, the CAM map). location_scores may be None for kind "class".
     """
-    _check_choice("kind", kind, MAP_KINDS)
+    kind = parse(MapKind, kind, "kind")
     b, k, h, w = class_logits.shape
     labels = labels.long()
     if kind == "class":
@@ -169,7 +167,6 @@ def attribution_map(class_logits, location_scores, labels, kind: str = "joint", 
     return joint_y.exp().reshape(b, h, w)
 
 
-def method_objective(method: str) -> str:
-    """The training objective of a method name: cam -> cam, calm-em -> em, calm-ml -> ml."""
-    _check_choice("method", method, METHODS)
-    return {"cam": "cam", "calm-em": "em", "calm-ml": "ml"}[method]
+def method_objective(method: Method | str) -> Objective:
+    """The training objective of a method: cam -> cam, calm-em -> em, calm-ml -> ml."""
+    return parse(Method, method, "method").objective

@@ -1,29 +1,27 @@
 """Reports of an evaluation: a rich table, results.json, plots, an overlay grid and a per-class breakdown.
 
 Everything here turns numbers that `calm_fast.evaluate` computed into something to look at; nothing here
-computes a metric. Every file is written atomically (a temporary file in the same folder, then
-os.replace), so a killed job never leaves a half-written report that looks complete. Plots use
-matplotlib's Agg backend (no display needed).
+computes a metric. Every file is written atomically (`calm_fast.atomic`), so a killed job never leaves a
+half-written report that looks complete. Plots use matplotlib's Agg backend (no display needed).
 """
 
 from __future__ import annotations
 
 import io
-import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from calm_fast.atomic import atomic_write_bytes, atomic_write_text
 
 __all__ = [
     "OverlayItem",
-    "atomic_write_bytes",
-    "write_json",
-    "save_npz",
     "results_table",
     "per_class_table",
     "print_results",
@@ -33,66 +31,6 @@ __all__ = [
     "plot_per_class",
     "write_per_class_csv",
 ]
-
-
-# ------------------------------------------------------------------------------------------ atomic files
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write `data` to `path` through a temporary file in the same folder and os.replace; returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes owner-only files; reports are for everyone
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _jsonable(value: Any) -> Any:
-    """Plain JSON data: numpy scalars and arrays become numbers and lists; NaN and ±inf become null."""
-    if isinstance(value, dict):
-        return {str(key): _jsonable(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(item) for item in value]
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, (np.bool_, bool)):
-        return bool(value)
-    if isinstance(value, (np.integer, int)):
-        return int(value)
-    if isinstance(value, (np.floating, float)):
-        value = float(value)
-        return value if math.isfinite(value) else None  # JSON has no NaN
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
-def write_json(path: str | os.PathLike, data: Any) -> Path:
-    """Write `data` as indented JSON, atomically (NaN is written as null)."""
-    text = json.dumps(_jsonable(data), indent=2, allow_nan=False)
-    return atomic_write_bytes(path, (text + "\n").encode("utf-8"))
-
-
-def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> Path:
-    """np.savez_compressed, atomically."""
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, **arrays)
-    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def _save_figure(figure, path: str | os.PathLike) -> Path:
@@ -127,8 +65,6 @@ def results_table(results: dict, title: str | None = None):
     per IoU threshold and its top-1 localization (mean over IoU thresholds); PxAP. Columns that apply to
     no map are left out; a number that does not apply to one map is a dash.
     """
-    from rich.table import Table
-
     maps: dict = results["maps"]
     any_box = any(m.get("box") for m in maps.values())
     any_mask = any(m.get("mask") for m in maps.values())
@@ -167,8 +103,6 @@ def per_class_table(rows: Sequence[dict], title: str = "per class", limit: int =
     Rows are sorted by their localization score (MaxBoxAccV2-style at the split's best thresholds, or
     PxAP), worst first, which is the order someone debugging a model wants.
     """
-    from rich.table import Table
-
     ordered = sorted(rows, key=_class_sort_key)
     if len(ordered) > 2 * limit:
         shown = ordered[:limit] + [None] + ordered[-limit:]
@@ -208,8 +142,6 @@ def _class_sort_key(row: dict) -> tuple:
 
 def print_results(results: dict, console=None, per_class_limit: int = 10) -> None:
     """Print the results table and, for each map kind, the per-class breakdown."""
-    from rich.console import Console
-
     console = console or Console()
     console.print(results_table(results))
     for kind, metrics in results["maps"].items():
@@ -357,4 +289,4 @@ def write_per_class_csv(path: str | os.PathLike, rows: Sequence[dict]) -> Path:
             else:
                 cells.append(str(value))
         lines.append(",".join(cells))
-    return atomic_write_bytes(path, ("\n".join(lines) + "\n").encode("utf-8"))
+    return atomic_write_text(path, "\n".join(lines) + "\n")

@@ -60,9 +60,9 @@ import torch
 import triton
 import triton.language as tl
 
-from calm_fast.head import PRIORS, _check_choice
-
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# The priors these kernels implement (calm_fast.modes.Prior's values; this folder imports nothing from calm_fast).
+PRIORS = ("relu", "softmax")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -468,7 +468,8 @@ class CalmHeadFunction(torch.autograd.Function):
 
 
 def _check_inputs(class_logits, location_scores, prior, labels):
-    _check_choice("prior", prior, PRIORS)
+    if prior not in PRIORS:
+        raise ValueError(f"prior={prior!r}: expected one of {', '.join(PRIORS)}")
     if not isinstance(class_logits, torch.Tensor) or class_logits.dim() != 3:
         shape = tuple(class_logits.shape) if isinstance(class_logits, torch.Tensor) else type(class_logits)
         raise ValueError(f"class_logits must be a [B, K, N] tensor, got {shape}")

@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from calm_fast.baselines import centre_gaussian_map, image_energy_map
+from calm_fast.evaluate.baselines import centre_gaussian_map, image_energy_map
 from calm_fast.data.metadata import read_split
 from calm_fast.data.synthetic import generate
 

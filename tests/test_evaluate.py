@@ -13,8 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from calm_fast import evaluate
+from calm_fast.data.loaders import build_eval_loader
 from calm_fast.data.metadata import read_split
+from calm_fast.evaluate.job import evaluate_maps, evaluate_model
+from calm_fast.evaluate.maps import BaselineMaps, MapBatch, ModelMaps, check_map_kinds
+from calm_fast.evaluate.scoring import EvalSettings
+from calm_fast.models.weights import load_weights
+from calm_fast.models.wsol import build_model_from
 
 NUM_CLASSES = 3
 R = 224  # the metric frame
@@ -82,7 +87,7 @@ class OracleMaps:
         pred = None
         if self.classify:
             pred = torch.where(indices % 2 == 0, labels, (labels + 1) % NUM_CLASSES)
-        return evaluate.MapBatch(maps={"oracle": maps}, pred_classes=pred)
+        return MapBatch(maps={"oracle": maps}, pred_classes=pred)
 
 
 # -------------------------------------------------------------------- hand-computed metric wiring
@@ -90,8 +95,8 @@ class OracleMaps:
 
 def test_oracle_boxes_give_the_hand_computed_box_accuracies(split):
     n = len(split)
-    settings = evaluate.EvalSettings(iou_thresholds=IOUS)
-    result = evaluate.evaluate_maps(OracleMaps(split), split, batches(split), settings).results["oracle"]
+    settings = EvalSettings(iou_thresholds=IOUS)
+    result = evaluate_maps(OracleMaps(split), split, batches(split), settings).results["oracle"]
 
     ious = np.array([oracle_iou(gt_box_224(split, i)) for i in range(n)])
     even = np.arange(n) % 2 == 0
@@ -112,8 +117,8 @@ def test_oracle_boxes_give_the_hand_computed_box_accuracies(split):
 def test_pxap_is_pooled_over_the_split_from_the_two_score_levels(split):
     from calm_fast.metrics import load_gt_mask
 
-    settings = evaluate.EvalSettings(iou_thresholds=IOUS, per_class=False)
-    result = evaluate.evaluate_maps(OracleMaps(split, every=1), split, batches(split), settings).results["oracle"]
+    settings = EvalSettings(iou_thresholds=IOUS, per_class=False)
+    result = evaluate_maps(OracleMaps(split, every=1), split, batches(split), settings).results["oracle"]
     # Scores are 1 inside the GT box and 0 elsewhere, so the PR curve has two points: ">= 1.0" (the box)
     # and ">= 0" (every pixel); PxAP is their right-endpoint step sum over counts pooled across images.
     tp1 = fp1 = positives = negatives = 0
@@ -134,9 +139,9 @@ def test_constant_maps_score_zero_boxes_and_the_positive_rate_as_pxap(split):
     from calm_fast.metrics import load_gt_mask
 
     def constant(images, labels, indices):
-        return evaluate.MapBatch(maps={"flat": torch.full((len(indices), 7, 7), 2.5)})
+        return MapBatch(maps={"flat": torch.full((len(indices), 7, 7), 2.5)})
 
-    result = evaluate.evaluate_maps(constant, split, batches(split), evaluate.EvalSettings()).results["flat"]
+    result = evaluate_maps(constant, split, batches(split), EvalSettings()).results["flat"]
     assert result["box"]["max_box_acc"] == 0 and result["box"]["max_box_acc_v2"] == 0
     assert result["cls_top1_acc"] is None and result["box"]["top1_loc"] is None  # no classifier
     masks = np.stack([load_gt_mask(m.paths, m.ignore_path) for m in split.masks])
@@ -145,9 +150,9 @@ def test_constant_maps_score_zero_boxes_and_the_positive_rate_as_pxap(split):
 
 
 def test_per_class_rows_add_up_to_the_split(split):
-    settings = evaluate.EvalSettings(iou_thresholds=IOUS)
+    settings = EvalSettings(iou_thresholds=IOUS)
     # Every map is its GT box; the predicted class is right on even indices only.
-    evaluation = evaluate.evaluate_maps(OracleMaps(split, every=1), split, batches(split), settings)
+    evaluation = evaluate_maps(OracleMaps(split, every=1), split, batches(split), settings)
     result, state = evaluation.results["oracle"], evaluation.state["oracle"]
     rows = result["per_class"]
     labels = split.labels
@@ -176,10 +181,10 @@ def test_per_class_rows_add_up_to_the_split(split):
 
 
 def test_batch_order_and_size_do_not_change_the_state(split):
-    settings = evaluate.EvalSettings(iou_thresholds=IOUS)
-    first = evaluate.evaluate_maps(OracleMaps(split), split, batches(split, batch_size=4), settings)
+    settings = EvalSettings(iou_thresholds=IOUS)
+    first = evaluate_maps(OracleMaps(split), split, batches(split, batch_size=4), settings)
     order = np.random.default_rng(0).permutation(len(split))
-    second = evaluate.evaluate_maps(OracleMaps(split), split, batches(split, order, batch_size=7), settings)
+    second = evaluate_maps(OracleMaps(split), split, batches(split, order, batch_size=7), settings)
     assert first.state["oracle"].keys() == second.state["oracle"].keys()
     for key, value in first.state["oracle"].items():
         np.testing.assert_array_equal(value, second.state["oracle"][key], err_msg=key)
@@ -190,11 +195,11 @@ def test_batch_order_and_size_do_not_change_the_state(split):
 
 def test_a_sample_seen_twice_or_never_is_an_error(split):
     n = len(split)
-    settings = evaluate.EvalSettings(per_class=False)
+    settings = EvalSettings(per_class=False)
     with pytest.raises(RuntimeError, match=r"sample 0 .* evaluated 2 times"):
-        evaluate.evaluate_maps(OracleMaps(split), split, batches(split, [0, *range(n)]), settings)
+        evaluate_maps(OracleMaps(split), split, batches(split, [0, *range(n)]), settings)
     with pytest.raises(RuntimeError, match=r"sample 3 .* evaluated 0 times"):
-        evaluate.evaluate_maps(OracleMaps(split), split, batches(split, [i for i in range(n) if i != 3]), settings)
+        evaluate_maps(OracleMaps(split), split, batches(split, [i for i in range(n) if i != 3]), settings)
 
 
 def test_a_loader_label_that_disagrees_with_the_split_is_an_error(split):
@@ -203,18 +208,18 @@ def test_a_loader_label_that_disagrees_with_the_split_is_an_error(split):
             yield images, (labels + 1) % NUM_CLASSES, indices
 
     with pytest.raises(ValueError, match="differs from class_labels.txt"):
-        evaluate.evaluate_maps(OracleMaps(split), split, wrong_labels(), evaluate.EvalSettings())
+        evaluate_maps(OracleMaps(split), split, wrong_labels(), EvalSettings())
 
 
 def test_settings_and_map_kinds_are_checked():
     with pytest.raises(ValueError, match="cam_curve_interval"):
-        evaluate.EvalSettings(cam_curve_interval=1.0)
+        EvalSettings(cam_curve_interval=1.0)
     with pytest.raises(ValueError, match="iou_thresholds"):
-        evaluate.EvalSettings(iou_thresholds=(0, 50))
+        EvalSettings(iou_thresholds=(0, 50))
     with pytest.raises(ValueError, match="needs a CALM model"):
-        evaluate.check_map_kinds(("joint",), "cam")
+        check_map_kinds(("joint",), "cam")
     with pytest.raises(ValueError, match="expected one of"):
-        evaluate.check_map_kinds(("heat",), "calm-em")
+        check_map_kinds(("heat",), "calm-em")
 
 
 # ------------------------------------------------------------------------------------- map sources
@@ -238,7 +243,7 @@ def test_model_maps_are_those_of_the_ground_truth_class_not_the_predicted_one():
     location = torch.randn(4, 1, 5, 5, generator=generator)
     class_logits[:, 2] += 3.0  # every image is predicted as class 2 ...
     labels = torch.tensor([0, 1, 0, 1])  # ... but labelled otherwise
-    source = evaluate.ModelMaps(FixedHead(class_logits, location), "calm-em", ("class", "joint", "prior"))
+    source = ModelMaps(FixedHead(class_logits, location), "calm-em", ("class", "joint", "prior"))
     batch = source(torch.zeros(4, 3, 8, 8), labels, torch.arange(4))
     assert batch.pred_classes.tolist() == [2, 2, 2, 2]
     for i, label in enumerate(labels.tolist()):
@@ -255,27 +260,27 @@ def test_cam_predicts_from_the_average_of_its_class_map():
     class_logits[0, 1, 0, 0] = 10.0  # one strong cell: GAP 10/16 for class 1
     class_logits[0, 2] = 1.0  # everywhere 1: GAP 1 for class 2, the larger average
     class_logits[1, 0, 2, 2] = 5.0
-    source = evaluate.ModelMaps(FixedHead(class_logits, None), "cam", ("class",))
+    source = ModelMaps(FixedHead(class_logits, None), "cam", ("class",))
     batch = source(torch.zeros(2, 3, 8, 8), torch.tensor([1, 0]), torch.arange(2))
     assert batch.pred_classes.tolist() == [2, 0]
     torch.testing.assert_close(batch.maps["class"], class_logits[[0, 1], [1, 0]])
 
 
 def test_baseline_maps_are_class_agnostic():
-    from calm_fast import baselines
+    from calm_fast.evaluate import baselines
     from calm_fast.data.torch_loader import IMAGENET_MEAN, IMAGENET_STD
 
     pixels = torch.randint(0, 256, (2, 3, 16, 16)).float() / 255
     mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     images = (pixels - mean) / std  # as the loader gives them
-    source = evaluate.BaselineMaps(("centre-gaussian", "image-energy"))
+    source = BaselineMaps(("centre-gaussian", "image-energy"))
     batch = source(images, torch.tensor([0, 1]), torch.tensor([5, 6]))
     assert batch.pred_classes is None
     np.testing.assert_allclose(batch.maps["centre-gaussian"][1], baselines.centre_gaussian_map(16, 16))
     original = (pixels[1] * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     np.testing.assert_allclose(batch.maps["image-energy"][1], baselines.image_energy_map(original), rtol=1e-5)
     with pytest.raises(ValueError, match="baseline 'noise'"):
-        evaluate.BaselineMaps(("noise",))
+        BaselineMaps(("noise",))
 
 
 # ------------------------------------------------------------------------------------- checkpoints
@@ -289,31 +294,31 @@ def _tiny_model(method="calm-em"):
 
 
 def test_load_weights_accepts_plain_nested_and_exported_files(tmp_path):
-    from calm_fast import checkpoint as ckpt
+    from calm_fast.models.weights import EXPORT_FORMAT
     from calm_fast.config import config_to_dict, load_config
 
     state = _tiny_model().state_dict()
     torch.save({f"module.{k}": v for k, v in state.items()}, tmp_path / "ddp.pt")
     torch.save({"state_dict": state}, tmp_path / "nested.pt")
     cfg = load_config(None, ["model.backbone=tiny_resnet"])
-    torch.save({"format": ckpt.EXPORT_FORMAT, "state_dict": state, "config": config_to_dict(cfg), "step": 7},
+    torch.save({"format": EXPORT_FORMAT, "state_dict": state, "config": config_to_dict(cfg), "step": 7},
                tmp_path / "model.pt")
     for name in ("ddp.pt", "nested.pt", "model.pt"):
-        loaded, saved_cfg = evaluate.load_weights(tmp_path / name)
+        loaded, saved_cfg = load_weights(tmp_path / name)
         assert loaded.keys() == state.keys()
         assert all(torch.equal(loaded[k], state[k]) for k in state)
         assert (saved_cfg is not None) == (name == "model.pt")
-    loaded, saved_cfg = evaluate.load_weights(tmp_path)  # a run folder: its model.pt
+    loaded, saved_cfg = load_weights(tmp_path)  # a run folder: its model.pt
     assert saved_cfg.model.backbone == "tiny_resnet"
 
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="junk.pt"):
-        evaluate.load_weights(tmp_path / "junk.pt")
+        load_weights(tmp_path / "junk.pt")
     with pytest.raises(FileNotFoundError, match="absent.pt"):
-        evaluate.load_weights(tmp_path / "absent.pt")
+        load_weights(tmp_path / "absent.pt")
     cfg_wrong = load_config(None, ["model.backbone=tiny_vgg"])
     with pytest.raises(ValueError, match="does not fit model.backbone='tiny_vgg'"):
-        evaluate.build_model_from(cfg_wrong, NUM_CLASSES, state)
+        build_model_from(cfg_wrong, NUM_CLASSES, state)
 
 
 def test_evaluate_model_gives_headline_numbers_and_restores_the_mode(split, data_root):
@@ -324,7 +329,7 @@ def test_evaluate_model_gives_headline_numbers_and_restores_the_mode(split, data
                              "eval.batch_size=8"])
     model = _tiny_model()
     model.train()
-    out = evaluate.evaluate_model(model, split, cfg)
+    out = evaluate_model(model, split, cfg)
     assert model.training
     assert out["map_kind"] == "joint" and out["num_images"] == len(split)
     for key in ("cls_top1_acc", "max_box_acc", "max_box_acc_v2", "top1_loc", "pxap"):
@@ -341,7 +346,7 @@ LAUNCHER = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR
 @pytest.fixture(scope="module")
 def experiment(data_root, tmp_path_factory):
     """A config for the synthetic set and a randomly initialised tiny CALM model in two checkpoint forms."""
-    from calm_fast import checkpoint as ckpt
+    from calm_fast.models.weights import EXPORT_FORMAT
     from calm_fast.config import config_to_dict, load_config
 
     folder = tmp_path_factory.mktemp("experiment")
@@ -364,7 +369,7 @@ batch_size = 4
     (folder / "config.toml").write_text(text)
     state = _tiny_model().state_dict()
     torch.save(state, folder / "weights.pt")
-    exported = {"format": ckpt.EXPORT_FORMAT, "state_dict": state,
+    exported = {"format": EXPORT_FORMAT, "state_dict": state,
                 "config": config_to_dict(load_config(folder / "config.toml")), "step": 1}
     torch.save(exported, folder / "model.pt")
     return folder
@@ -483,27 +488,27 @@ def test_command_errors_name_what_is_wrong(experiment, monkeypatch, capsys):
 
 def test_ffcv_and_torch_loaders_feed_the_same_samples(split, data_root, tmp_path):
     from calm_fast.config import load_config
-    from calm_fast.data import ffcv
+    from calm_fast.data import ffcv_convert, ffcv_loader
 
-    if not ffcv.ffcv_available():
+    if not ffcv_loader.ffcv_available():
         pytest.skip("FFCV does not import here")
-    ffcv.convert_split(split, ffcv.beton_path_for(tmp_path, "SYNTH", "test"), num_workers=1)
+    ffcv_convert.convert_split(split, ffcv_convert.beton_path_for(tmp_path, "SYNTH", "test"), num_workers=1)
     base = [f"data.root={json.dumps(str(data_root))}", "data.dataset=SYNTH", "data.input_size=32",
             f"data.beton_dir={json.dumps(str(tmp_path))}", "data.workers=1", "eval.batch_size=4"]
     states = {}
     for kind in ("ffcv", "torch"):
         cfg = load_config(None, base + [f"data.loader={kind}"])
-        shards = [evaluate.build_eval_loader(cfg, split, rank, 2) for rank in range(2)]
-        assert isinstance(shards[0], ffcv.FFCVLoader) == (kind == "ffcv")
+        shards = [build_eval_loader(cfg, split, rank, 2) for rank in range(2)]
+        assert isinstance(shards[0], ffcv_loader.FFCVLoader) == (kind == "ffcv")
         seen = [int(i) for shard in shards for _, _, indices in shard for i in indices]
         assert sorted(seen) == list(range(len(split)))  # every sample once across the two ranks
-        loader = evaluate.build_eval_loader(cfg, split)
-        states[kind] = evaluate.evaluate_maps(OracleMaps(split), split, loader, evaluate.EvalSettings()).state
+        loader = build_eval_loader(cfg, split)
+        states[kind] = evaluate_maps(OracleMaps(split), split, loader, EvalSettings()).state
     for key, value in states["torch"]["oracle"].items():
         np.testing.assert_array_equal(states["ffcv"]["oracle"][key], value, err_msg=key)
     # "auto" takes the .beton while it matches the metadata
     auto = load_config(None, base + ["data.loader=auto"])
-    assert isinstance(evaluate.build_eval_loader(auto, split), ffcv.FFCVLoader)
+    assert isinstance(build_eval_loader(auto, split), ffcv_loader.FFCVLoader)
 
 
 def test_a_run_folder_is_evaluated_into_itself(experiment, monkeypatch):

@@ -20,13 +20,15 @@ import torch
 from PIL import Image
 
 from calm_fast.cli import main as cli_main
-from calm_fast.data import ffcv as F
-from calm_fast.data.ffcv_ops import shard_order
+from calm_fast.data import ffcv_convert, ffcv_loader
+from calm_fast.data.images import ImageProblem, load_for_storage
+from calm_fast.data.loaders import resolve_loader_kind
 from calm_fast.data.metadata import read_split
-from calm_fast.data.torch_loader import ShardSampler, build_torch_loader
+from calm_fast.data.sampling import ShardSampler, shard_order
+from calm_fast.data.torch_loader import IMAGENET_MEAN, IMAGENET_STD, build_torch_loader
 
-MEAN = np.array(F.IMAGENET_MEAN)
-STD = np.array(F.IMAGENET_STD)
+MEAN = np.array(IMAGENET_MEAN)
+STD = np.array(IMAGENET_STD)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -90,10 +92,10 @@ def leftovers(folder: Path) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# load_rgb: one image as it will be stored
+# load_for_storage: one image as it will be stored
 
 
-def test_load_rgb_repairs_are_counted_and_faithful(tmp_path):
+def test_load_for_storage_repairs_are_counted_and_faithful(tmp_path):
     rng = np.random.default_rng(0)
     colour = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
     gray = colour[..., 0]
@@ -109,43 +111,43 @@ def test_load_rgb_repairs_are_counted_and_faithful(tmp_path):
     for name, data in cases.items():
         (tmp_path / name).write_bytes(data)
 
-    pixels, repairs, size = F.load_rgb(tmp_path / "gray.jpg")
+    pixels, repairs, size = load_for_storage(tmp_path / "gray.jpg")
     assert repairs == ["converted_from_L"] and size == (60, 40)
     assert (pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all()
     assert np.array_equal(pixels[..., 0], np.asarray(Image.open(tmp_path / "gray.jpg")))
 
-    pixels, repairs, _ = F.load_rgb(tmp_path / "cmyk.jpg")
+    pixels, repairs, _ = load_for_storage(tmp_path / "cmyk.jpg")
     assert repairs == ["converted_from_CMYK"]
     expected = np.asarray(Image.open(tmp_path / "cmyk.jpg").convert("RGB"))
     assert np.array_equal(pixels, expected)
 
-    pixels, repairs, _ = F.load_rgb(tmp_path / "png.jpg")
+    pixels, repairs, _ = load_for_storage(tmp_path / "png.jpg")
     assert repairs == ["png_named_jpg"] and np.array_equal(pixels, colour)  # PNG is lossless
 
-    pixels, repairs, size = F.load_rgb(tmp_path / "rotated.jpg")
+    pixels, repairs, size = load_for_storage(tmp_path / "rotated.jpg")
     assert repairs == ["exif_orientation_ignored"]
     assert pixels.shape == (40, 60, 3) and size == (60, 40)  # stored frame, not rotated
     assert np.array_equal(pixels, np.asarray(Image.open(tmp_path / "rotated.jpg")))
 
-    pixels, repairs, _ = F.load_rgb(tmp_path / "palette.png")
+    pixels, repairs, _ = load_for_storage(tmp_path / "palette.png")
     assert repairs == ["converted_from_P"]
     assert np.array_equal(pixels, np.asarray(Image.open(tmp_path / "palette.png").convert("RGB")))
 
 
-def test_load_rgb_downscales_large_images_keeping_aspect(tmp_path):
+def test_load_for_storage_downscales_large_images_keeping_aspect(tmp_path):
     rng = np.random.default_rng(1)
     large = smooth_image(rng, 800, 1600)  # twice the cap and more: decoded at a reduced DCT scale first
     (tmp_path / "large.jpg").write_bytes(encode(large, quality=95))
-    pixels, repairs, size = F.load_rgb(tmp_path / "large.jpg", max_resolution=512)
+    pixels, repairs, size = load_for_storage(tmp_path / "large.jpg", max_resolution=512)
     assert repairs == ["downscaled"] and size == (1600, 800) and pixels.shape == (256, 512, 3)
     expected = np.asarray(Image.fromarray(large).resize((512, 256), Image.Resampling.BILINEAR))
     assert np.abs(pixels.astype(int) - expected).mean() < 3
 
-    pixels, repairs, _ = F.load_rgb(tmp_path / "large.jpg", max_resolution=1600)
+    pixels, repairs, _ = load_for_storage(tmp_path / "large.jpg", max_resolution=1600)
     assert repairs == [] and pixels.shape == (800, 1600, 3)
 
 
-def test_load_rgb_errors_name_the_file(tmp_path):
+def test_load_for_storage_errors_name_the_file(tmp_path):
     rng = np.random.default_rng(2)
     jpeg = encode(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), quality=90)
     (tmp_path / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
@@ -160,13 +162,13 @@ def test_load_rgb_errors_name_the_file(tmp_path):
         ("deep.png", "I;16", {}),
         ("wide.png", "65535", {"max_resolution": None}),
     ]:
-        with pytest.raises(F.ImageProblem, match=fragment) as caught:
-            F.load_rgb(tmp_path / name, **kwargs)
+        with pytest.raises(ImageProblem, match=fragment) as caught:
+            load_for_storage(tmp_path / name, **kwargs)
         assert str(tmp_path / name) in str(caught.value)
 
-    pixels, repairs, _ = F.load_rgb(tmp_path / "truncated.jpg", allow_truncated=True)
+    pixels, repairs, _ = load_for_storage(tmp_path / "truncated.jpg", allow_truncated=True)
     assert repairs == ["truncated_filled"] and pixels.shape == (64, 64, 3)
-    pixels, repairs, _ = F.load_rgb(tmp_path / "wide.png", max_resolution=512)
+    pixels, repairs, _ = load_for_storage(tmp_path / "wide.png", max_resolution=512)
     assert pixels.shape == (1, 512, 3) and repairs == ["converted_from_L", "downscaled"]
 
 
@@ -187,12 +189,12 @@ def jpeg_set(tmp_path_factory):
     split = write_split(root, "TOY", "val", files)
     status = cli_main(["convert", "--data-root", str(root), "--dataset", "TOY", "--workers", "2"])
     assert status == 0
-    return root, split, originals, F.beton_path_for(root / "ffcv", "TOY", "val")
+    return root, split, originals, ffcv_convert.beton_path_for(root / "ffcv", "TOY", "val")
 
 
 def test_cli_convert_writes_beton_sidecar_and_skips_up_to_date(jpeg_set):
     root, split, _, beton = jpeg_set
-    info = F.read_beton_info(beton)
+    info = ffcv_convert.read_beton_info(beton)
     assert info["num_images"] == 11 and info["dataset"] == "TOY" and info["split"] == "val"
     assert info["repairs"] == {} and info["options"]["write_mode"] == "jpg"
     assert leftovers(beton.parent) == sorted([beton.name, beton.name + ".json"])
@@ -200,11 +202,11 @@ def test_cli_convert_writes_beton_sidecar_and_skips_up_to_date(jpeg_set):
     stamp = beton.stat().st_mtime_ns
     assert cli_main(["convert", "--data-root", str(root), "--dataset", "TOY", "--split", "val"]) == 0
     assert beton.stat().st_mtime_ns == stamp  # up to date: not rewritten
-    assert F.ensure_beton(split, root / "ffcv").skipped
+    assert ffcv_convert.ensure_beton(split, root / "ffcv").skipped
     # Other options or other labels make the file stale.
-    assert not F.is_up_to_date(split, beton, F.ConvertOptions(jpeg_quality=80))
+    assert not ffcv_convert.is_up_to_date(split, beton, ffcv_convert.ConvertOptions(jpeg_quality=80))
     relabelled = dataclasses.replace(split, labels=split.labels[::-1].copy())
-    assert not F.is_up_to_date(relabelled, beton, F.ConvertOptions())
+    assert not ffcv_convert.is_up_to_date(relabelled, beton, ffcv_convert.ConvertOptions())
 
 
 def test_eval_loaders_shard_and_round_trip_within_jpeg_tolerance(jpeg_set):
@@ -212,7 +214,7 @@ def test_eval_loaders_shard_and_round_trip_within_jpeg_tolerance(jpeg_set):
     size = 48
     shards = []
     for rank in range(2):
-        loader = F.build_ffcv_loader(beton, train=False, input_size=size, batch_size=4, num_workers=1,
+        loader = ffcv_loader.build_ffcv_loader(beton, train=False, input_size=size, batch_size=4, num_workers=1,
                                      rank=rank, world_size=2)
         images, labels, indices = collect(loader)
         assert len(loader) == len(range(rank, 11, 2)) // 4 + (len(range(rank, 11, 2)) % 4 > 0)
@@ -232,7 +234,7 @@ def test_eval_loaders_shard_and_round_trip_within_jpeg_tolerance(jpeg_set):
 
 def test_eval_loader_matches_the_torch_fallback(jpeg_set):
     _, split, _, beton = jpeg_set
-    ffcv_batches = list(F.build_ffcv_loader(beton, train=False, input_size=40, batch_size=11, num_workers=1))
+    ffcv_batches = list(ffcv_loader.build_ffcv_loader(beton, train=False, input_size=40, batch_size=11, num_workers=1))
     torch_batches = list(build_torch_loader(split, train=False, input_size=40, resize_size=None, batch_size=11,
                                             num_workers=0))
     (ffcv_images, ffcv_labels, ffcv_indices), = ffcv_batches
@@ -264,7 +266,7 @@ def raw_set(tmp_path_factory):
     labels = rng.integers(0, 5, RAW_COUNT)
     files = [(f"n{i:02d}.png", encode(p, "PNG"), int(labels[i]), (RESIZE, RESIZE)) for i, p in enumerate(originals)]
     split = write_split(root, "NOISE", "train", files)
-    summary = F.convert_split(split, root / "NOISE_train.beton", F.ConvertOptions(write_mode="raw"), num_workers=1)
+    summary = ffcv_convert.convert_split(split, root / "NOISE_train.beton", ffcv_convert.ConvertOptions(write_mode="raw"), num_workers=1)
     return split, originals, summary.beton_path
 
 
@@ -281,7 +283,7 @@ def locate_crop(crop: np.ndarray, original: np.ndarray) -> tuple[int, int, bool]
 
 def test_train_reference_recipe_crops_flips_and_sample_order(raw_set):
     split, originals, beton = raw_set
-    loader = F.build_ffcv_loader(beton, train=True, input_size=CROP, resize_size=RESIZE, batch_size=4,
+    loader = ffcv_loader.build_ffcv_loader(beton, train=True, input_size=CROP, resize_size=RESIZE, batch_size=4,
                                  num_workers=2, rank=1, world_size=2, seed=5)
     per_rank = -(-RAW_COUNT // 2)
     assert loader.num_samples == per_rank // 4 * 4 and len(loader) == per_rank // 4
@@ -311,7 +313,7 @@ def test_train_reference_recipe_crops_flips_and_sample_order(raw_set):
 
 def test_rrc_recipe_in_bfloat16_normalises_exactly(raw_set):
     _, _, beton = raw_set
-    loader = F.build_ffcv_loader(beton, train=True, recipe="rrc", input_size=24, batch_size=RAW_COUNT,
+    loader = ffcv_loader.build_ffcv_loader(beton, train=True, recipe="rrc", input_size=24, batch_size=RAW_COUNT,
                                  num_workers=1, dtype=torch.bfloat16, drop_last=False, seed=1)
     images, labels, indices = next(iter(loader))
     assert images.shape == (RAW_COUNT, 3, 24, 24) and images.dtype == torch.bfloat16
@@ -335,7 +337,7 @@ def test_accelerator_path_normalises_like_the_cpu_path(raw_set):
     loader = Loader(str(beton), batch_size=RAW_COUNT, num_workers=1, order=OrderOption.SEQUENTIAL,
                     drop_last=False, pipelines={"image": pipeline, "label": None, "index": None})
     (device_images,) = next(iter(loader))
-    cpu_images, _, _ = next(iter(F.build_ffcv_loader(beton, train=False, input_size=24, batch_size=RAW_COUNT,
+    cpu_images, _, _ = next(iter(ffcv_loader.build_ffcv_loader(beton, train=False, input_size=24, batch_size=RAW_COUNT,
                                                      num_workers=1)))
     assert device_images.is_contiguous() and device_images.dtype == torch.float32
     torch.testing.assert_close(device_images, cpu_images, rtol=0, atol=1e-5)
@@ -364,14 +366,14 @@ def test_problem_files_are_repaired_counted_and_load(tmp_path):
         ("cut.jpg", truncated[: len(truncated) * 2 // 3], 1, (64, 48)),
     ]
     split = write_split(tmp_path, "MIXED", "test", files)
-    options = F.ConvertOptions(max_resolution=256, allow_truncated=True)
-    summary = F.convert_split(split, tmp_path / "ffcv" / "MIXED_test.beton", options, num_workers=2)
+    options = ffcv_convert.ConvertOptions(max_resolution=256, allow_truncated=True)
+    summary = ffcv_convert.convert_split(split, tmp_path / "ffcv" / "MIXED_test.beton", options, num_workers=2)
     expected = {"converted_from_L": 1, "converted_from_CMYK": 1, "png_named_jpg": 1,
                 "exif_orientation_ignored": 1, "downscaled": 1, "truncated_filled": 1}
     assert summary.repairs == expected
-    assert F.read_beton_info(summary.beton_path)["repairs"] == expected
+    assert ffcv_convert.read_beton_info(summary.beton_path)["repairs"] == expected
 
-    images, _, indices = collect(F.build_ffcv_loader(summary.beton_path, train=False, input_size=32,
+    images, _, indices = collect(ffcv_loader.build_ffcv_loader(summary.beton_path, train=False, input_size=32,
                                                      batch_size=6, num_workers=1))
     assert list(indices) == list(range(6))
     gray = images[0]
@@ -386,8 +388,8 @@ def test_bad_image_stops_conversion_and_leaves_nothing(tmp_path):
     files[4] = ("im4.jpg", files[4][1], 0, (33, 32))  # image_sizes.txt disagrees with the file
     split = write_split(tmp_path, "BAD", "val", files)
     out = tmp_path / "ffcv"
-    with pytest.raises(F.ConversionError, match="image_sizes.txt") as caught:
-        F.convert_split(split, out / "BAD_val.beton", num_workers=2)
+    with pytest.raises(ffcv_convert.ConversionError, match="image_sizes.txt") as caught:
+        ffcv_convert.convert_split(split, out / "BAD_val.beton", num_workers=2)
     assert str(split.image_path(4)) in str(caught.value)
     assert leftovers(out) == []  # no .beton, no sidecar, no temporary file or report folder
 
@@ -397,17 +399,17 @@ def test_crashed_worker_stops_conversion(tmp_path, monkeypatch, death):
     rng = np.random.default_rng(7)
     files = [(f"im{i}.jpg", encode(smooth_image(rng, 32, 32)), 0, (32, 32)) for i in range(6)]
     split = write_split(tmp_path, "CRASH", "val", files)
-    real_load = F.load_rgb
+    real_load = ffcv_convert.load_for_storage
 
     def dying_load(path, *args, **kwargs):
         if Path(path).name == "im3.jpg":  # as if killed, or crashed in native code: no exception at all
             os._exit(7) if death == "exit" else os.kill(os.getpid(), signal.SIGKILL)
         return real_load(path, *args, **kwargs)
 
-    monkeypatch.setattr(F, "load_rgb", dying_load)  # the forked workers inherit it
+    monkeypatch.setattr(ffcv_convert, "load_for_storage", dying_load)  # the forked workers inherit it
     expected = "exit code 7" if death == "exit" else "killed by SIGKILL"
-    with pytest.raises(F.ConversionError, match=expected):
-        F.convert_split(split, tmp_path / "ffcv" / "CRASH_val.beton", num_workers=2)
+    with pytest.raises(ffcv_convert.ConversionError, match=expected):
+        ffcv_convert.convert_split(split, tmp_path / "ffcv" / "CRASH_val.beton", num_workers=2)
     assert leftovers(tmp_path / "ffcv") == []
 
 
@@ -418,13 +420,13 @@ def test_killed_conversion_leaves_no_complete_beton(tmp_path):
     beton = tmp_path / "ffcv" / "KILL_train.beton"
     script = textwrap.dedent(f"""
         import time
-        from calm_fast.data import ffcv as F
+        from calm_fast.data import ffcv_convert as F
         from calm_fast.data.metadata import read_split
-        real_load = F.load_rgb
+        real_load = F.load_for_storage
         def slow_load(*args, **kwargs):
             time.sleep(0.5)
             return real_load(*args, **kwargs)
-        F.load_rgb = slow_load
+        F.load_for_storage = slow_load
         split = read_split({str(tmp_path / "metadata")!r}, "KILL", "train", {str(tmp_path / "KILL")!r})
         F.convert_split(split, {str(beton)!r}, num_workers=1)
     """)
@@ -444,9 +446,9 @@ def test_killed_conversion_leaves_no_complete_beton(tmp_path):
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)  # the main process and its workers
         process.wait()
-    assert not beton.exists() and not F.sidecar_path(beton).exists()
+    assert not beton.exists() and not ffcv_convert.sidecar_path(beton).exists()
 
-    summary = F.ensure_beton(split, tmp_path / "ffcv", num_workers=1)  # starts afresh, cleans the leftovers
+    summary = ffcv_convert.ensure_beton(split, tmp_path / "ffcv", num_workers=1)  # starts afresh, cleans the leftovers
     assert not summary.skipped and summary.num_images == 8
     assert leftovers(beton.parent) == sorted([beton.name, beton.name + ".json"])  # temporaries cleaned
     from ffcv.reader import Reader
@@ -464,10 +466,10 @@ def test_killed_conversion_leaves_no_complete_beton(tmp_path):
 def test_loader_arguments_are_checked(tmp_path, raw_set):
     _, _, beton = raw_set
     with pytest.raises(FileNotFoundError, match="missing.beton"):
-        F.build_ffcv_loader(tmp_path / "missing.beton", train=False)
+        ffcv_loader.build_ffcv_loader(tmp_path / "missing.beton", train=False)
     (tmp_path / "foreign.beton").write_bytes(b"\0" * 64)
     with pytest.raises(ValueError, match="foreign.beton"):
-        F.build_ffcv_loader(tmp_path / "foreign.beton", train=False)
+        ffcv_loader.build_ffcv_loader(tmp_path / "foreign.beton", train=False)
     for kwargs, fragment in [
         ({"rank": 2, "world_size": 2}, "rank"),
         ({"train": True, "input_size": 64, "resize_size": 32}, "resize_size"),
@@ -477,9 +479,9 @@ def test_loader_arguments_are_checked(tmp_path, raw_set):
         ({"dtype": torch.int8}, "dtype"),
     ]:
         with pytest.raises(ValueError, match=fragment):
-            F.build_ffcv_loader(beton, **{"train": False, **kwargs})
+            ffcv_loader.build_ffcv_loader(beton, **{"train": False, **kwargs})
     with pytest.raises(ValueError, match="jpeg_quality"):
-        F.ConvertOptions(jpeg_quality=0).validate()
+        ffcv_convert.ConvertOptions(jpeg_quality=0).validate()
     assert cli_main(["convert", "--data-root", str(tmp_path), "--dataset", "NOPE"]) == 2  # no such metadata
 
 
@@ -502,10 +504,10 @@ def test_shard_order_is_the_torch_samplers(size, world_size):
 def test_resolve_loader_kind(tmp_path):
     present = tmp_path / "a.beton"
     present.write_bytes(b"")
-    assert F.resolve_loader_kind("auto", [present]) == "ffcv"
-    assert F.resolve_loader_kind("auto", [present, tmp_path / "b.beton"]) == "torch"
-    assert F.resolve_loader_kind("torch", [present]) == "torch"
+    assert resolve_loader_kind("auto", [present]) == "ffcv"
+    assert resolve_loader_kind("auto", [present, tmp_path / "b.beton"]) == "torch"
+    assert resolve_loader_kind("torch", [present]) == "torch"
     with pytest.raises(FileNotFoundError, match="b.beton"):
-        F.resolve_loader_kind("ffcv", [tmp_path / "b.beton"])
+        resolve_loader_kind("ffcv", [tmp_path / "b.beton"])
     with pytest.raises(ValueError, match="data.loader"):
-        F.resolve_loader_kind("fast", [])
+        resolve_loader_kind("fast", [])

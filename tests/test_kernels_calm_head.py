@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from calm_fast import head
+from calm_fast.modes import Prior
 from calm_fast.kernels.calm_head import LaunchConfig, calm_head, default_launch_config
 
 
@@ -58,7 +59,7 @@ SWEEP = [
 ]
 
 
-@pytest.mark.parametrize("prior", head.PRIORS)
+@pytest.mark.parametrize("prior", tuple(Prior))
 @pytest.mark.parametrize("batch,classes,cells,dtype,config", SWEEP)
 def test_values_and_gradients_match_oracle(batch, classes, cells, dtype, config, prior):
     s, a, labels, upstream = random_case(batch, classes, cells, dtype, seed=classes + cells)
@@ -117,7 +118,7 @@ def test_gradcheck_float64_relu_prior():
     assert (grad_fused[a <= 0] == 0).all()
 
 
-@pytest.mark.parametrize("prior", head.PRIORS)
+@pytest.mark.parametrize("prior", tuple(Prior))
 def test_em_and_ml_gradients_agree_and_match_the_torch_backend(prior):
     """Through calm_fast.head: the fused EM and ML losses have the same gradient (Fisher's identity) and
     both equal the oracle's, as do the loss values (EM = ML + H(q))."""
@@ -165,7 +166,7 @@ def test_zero_prior_cells_and_all_zero_relu_prior():
     torch.testing.assert_close(log_posterior[1].double().exp(), expected_posterior)
 
 
-@pytest.mark.parametrize("prior", head.PRIORS)
+@pytest.mark.parametrize("prior", tuple(Prior))
 def test_extreme_logits_stay_finite_and_accurate(prior):
     """Logits and location scores of ±1e4: the results follow the float64 definition to fp32 precision."""
     g = torch.Generator().manual_seed(15)

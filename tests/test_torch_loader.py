@@ -10,15 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
+from calm_fast.data.images import decode_rgb
 from calm_fast.data.metadata import read_split
-from calm_fast.data.torch_loader import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    ShardSampler,
-    WSOLDataset,
-    build_torch_loader,
-    load_rgb,
-)
+from calm_fast.data.sampling import ShardSampler
+from calm_fast.data.torch_loader import IMAGENET_MEAN, IMAGENET_STD, WSOLDataset, build_torch_loader
 
 MEAN = np.array(IMAGENET_MEAN, np.float32)[:, None, None]
 STD = np.array(IMAGENET_STD, np.float32)[:, None, None]
@@ -62,20 +57,20 @@ def test_odd_files_decode_to_rgb_in_stored_orientation(tmp_path):
     }
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
-        image = load_rgb(tmp_path / name)
+        image = decode_rgb(tmp_path / name)
         assert image.mode == "RGB" and image.size == (6, 4), name  # EXIF rotation not applied
-    assert np.abs(np.array(load_rgb(tmp_path / "gray.jpg")).astype(int) - 77).max() <= 2
-    assert np.array(load_rgb(tmp_path / "png_named.jpg"))[0, 0].tolist() == [200, 100, 50]
-    assert np.array(load_rgb(tmp_path / "cmyk.jpg")).min() >= 250  # no ink is white
+    assert np.abs(np.array(decode_rgb(tmp_path / "gray.jpg")).astype(int) - 77).max() <= 2
+    assert np.array(decode_rgb(tmp_path / "png_named.jpg"))[0, 0].tolist() == [200, 100, 50]
+    assert np.array(decode_rgb(tmp_path / "cmyk.jpg")).min() >= 250  # no ink is white
 
 
 def test_broken_and_missing_files_are_named(tmp_path):
     data = encoded(Image.new("RGB", (64, 64), (1, 2, 3)), "JPEG")
     (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
     with pytest.raises(OSError, match=r"cut\.jpg: cannot decode"):
-        load_rgb(tmp_path / "cut.jpg")
+        decode_rgb(tmp_path / "cut.jpg")
     with pytest.raises(FileNotFoundError, match=r"gone\.jpg"):
-        load_rgb(tmp_path / "gone.jpg")
+        decode_rgb(tmp_path / "gone.jpg")
 
 
 def test_eval_batches_are_normalised_resized_images(tmp_path):

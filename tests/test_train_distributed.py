@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from calm_fast.checkpoint import load_exported
+from calm_fast.models.weights import load_exported
 from calm_fast.config import load_config
 from calm_fast.distributed import free_port
 

@@ -13,16 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from calm_fast import checkpoint as ckpt
+from calm_fast.atomic import atomic_torch_save
 from calm_fast.config import ConfigError, load_config
-from calm_fast.train import (
-    TrainBatches,
-    build_optimizer,
-    deepspeed_config,
-    global_batch_indices,
-    lr_factor,
-    truncate_metrics,
-)
+from calm_fast.data.loaders import TrainBatches
+from calm_fast.data.sampling import global_batch_indices
+from calm_fast.models import weights
+from calm_fast.train import checkpoint as ckpt
+from calm_fast.train.log import truncate_metrics
+from calm_fast.train.optim import build_optimizer, deepspeed_config, lr_factor
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -172,15 +170,15 @@ def test_train_batches_request_this_ranks_samples_with_the_epoch():
 
 
 def test_checkpoint_listing_ignores_partial_saves(tmp_path):
-    root = ckpt.checkpoint_root(tmp_path)
+    root = weights.checkpoint_root(tmp_path)
     for name in ["step_00000004", "step_00000012", ".tmp-step_00000016", "step_00000008", "notes"]:
         (root / name).mkdir(parents=True)
     (root / "step_00000020").write_text("a file, not a checkpoint")
-    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [4, 8, 12]
-    assert ckpt.latest_checkpoint(tmp_path) == root / "step_00000012"
+    assert [s for s, _ in weights.list_checkpoints(tmp_path)] == [4, 8, 12]
+    assert weights.latest_checkpoint(tmp_path) == root / "step_00000012"
     ckpt._prune(tmp_path, keep_last=2)
-    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [8, 12]
-    assert ckpt.latest_checkpoint(tmp_path / "nothing") is None
+    assert [s for s, _ in weights.list_checkpoints(tmp_path)] == [8, 12]
+    assert weights.latest_checkpoint(tmp_path / "nothing") is None
 
 
 def test_rng_capture_and_restore_round_trip():
@@ -193,10 +191,10 @@ def test_rng_capture_and_restore_round_trip():
 
 
 def test_atomic_torch_save_and_load_exported_rejects_foreign_files(tmp_path):
-    ckpt.atomic_torch_save({"a": torch.ones(2)}, tmp_path / "x.pt")
+    atomic_torch_save({"a": torch.ones(2)}, tmp_path / "x.pt")
     assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]
     with pytest.raises(ValueError, match="not a calm-fast exported model"):
-        ckpt.load_exported(tmp_path / "x.pt")
+        weights.load_exported(tmp_path / "x.pt")
 
 
 def test_truncate_metrics_keeps_records_up_to_the_checkpoint(tmp_path):

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import torch
 
 from calm_fast import head
-from calm_fast.report import write_json
+from calm_fast.atomic import write_json
+from calm_fast.modes import Prior
 
 PAPER_SHAPES = ("64x200x28x28", "64x1000x28x28", "256x200x28x28", "256x1000x28x28")
 SMOKE_SHAPES = ("2x10x3x5",)
@@ -77,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"benchmark shapes (default: {' '.join(PAPER_SHAPES)} on GPU, "
                              f"{' '.join(SMOKE_SHAPES)} on cpu)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16", help="input dtype of S and a")
-    parser.add_argument("--prior", choices=head.PRIORS, default="relu")
+    parser.add_argument("--prior", choices=tuple(Prior), default=Prior.RELU)
     parser.add_argument("--objective", choices=("em", "ml"), default="em", help="the loss timed fwd+bwd")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="also time torch.compile of the plain head (default: on GPU only)")

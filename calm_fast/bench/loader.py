@@ -51,7 +51,7 @@ def _prepare_split(args: argparse.Namespace):
     if args.data_root:
         image_root = args.image_root or default_image_root(args.data_root, args.dataset, args.split)
         return read_split(default_metadata_root(args.data_root), args.dataset, args.split, image_root)
-    from calm_fast.data.ffcv import usable_cores
+    from calm_fast.distributed import usable_cores
     from calm_fast.data.synthetic import generate
 
     name = f"BENCH{args.image_size}"
@@ -75,7 +75,7 @@ def _images_per_second(loader) -> float:
 
 
 def _bench_mode(split, beton: Path, train: bool, args, workers: int) -> dict:
-    from calm_fast.data.ffcv import build_ffcv_loader
+    from calm_fast.data.ffcv_loader import build_ffcv_loader
     from calm_fast.data.torch_loader import build_torch_loader
 
     common = dict(train=train, input_size=args.input_size, resize_size=args.resize_size,
@@ -104,8 +104,9 @@ def main(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from calm_fast.data.ffcv import ConvertOptions, ensure_beton, usable_cores
-    from calm_fast.report import write_json
+    from calm_fast.atomic import write_json
+    from calm_fast.data.ffcv_convert import ConvertOptions, ensure_beton
+    from calm_fast.distributed import usable_cores
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes or any(m not in ("train", "eval") for m in modes):

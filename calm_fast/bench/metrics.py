@@ -188,7 +188,7 @@ def main(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from calm_fast.report import write_json
+    from calm_fast.atomic import write_json
 
     if args.maps < 1 or args.repeats < 1:
         raise SystemExit("bench metrics: --maps and --repeats must be >= 1")

@@ -80,7 +80,7 @@ def main(args: argparse.Namespace) -> int:
                       f"{entry['ratio']:.2f}")
     Console().print(table)
     if args.out:
-        from calm_fast.report import write_json
+        from calm_fast.atomic import write_json
 
         write_json(args.out, {"backbone": cfg.model.backbone, "input_size": cfg.data.input_size,
                               "precision": cfg.train.precision, "global_batch": cfg.data.batch_size,

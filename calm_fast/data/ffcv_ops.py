@@ -1,7 +1,7 @@
 """FFCV pipeline pieces of calm-fast's loaders: the resize decoder, on-device normalisation, rank sharding.
 
-Imported lazily by :mod:`calm_fast.data.ffcv` (importing FFCV costs a few seconds), so that the rest of
-calm-fast starts quickly and still works where FFCV is not installed.
+Imported on use by :mod:`calm_fast.data.ffcv_loader` (importing FFCV costs a few seconds), so that the rest
+of calm-fast starts quickly and still works where FFCV is not installed.
 """
 
 from __future__ import annotations
@@ -18,12 +18,11 @@ from ffcv.pipeline.operation import Operation
 from ffcv.pipeline.state import State
 from ffcv.traversal_order.base import TraversalOrder
 
-from calm_fast.data.torch_loader import shard_order
+from calm_fast.data.sampling import shard_order
+from calm_fast.modes import DecoderMode, choices
 
 __all__ = ["WSOLImageDecoder", "NormalizeOnDevice", "ShardedOrder"]
 
-
-DECODER_MODES = ("eval", "reference", "rrc")
 
 
 class WSOLImageDecoder(SimpleRGBImageDecoder):
@@ -55,8 +54,8 @@ class WSOLImageDecoder(SimpleRGBImageDecoder):
         super().__init__()
         if (mean is None) != (std is None):
             raise ValueError("give both mean and std, or neither")
-        if mode not in DECODER_MODES:
-            raise ValueError(f"mode must be one of {DECODER_MODES}, got {mode!r}")
+        if mode not in tuple(DecoderMode):
+            raise ValueError(f"mode must be one of {choices(DecoderMode)}, got {mode!r}")
         if mode == "reference" and (resize_size is None or resize_size < output_size):
             raise ValueError(f"resize_size ({resize_size}) must be >= output_size ({output_size})")
         self.mode = mode

@@ -20,39 +20,26 @@ it away from its boxes. A truncated or unreadable file raises an error naming it
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
+from calm_fast.data.images import decode_rgb
 from calm_fast.data.metadata import WSOLSplit
+from calm_fast.data.sampling import ShardSampler
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "load_rgb", "WSOLDataset", "ShardSampler", "build_torch_loader"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "WSOLDataset", "build_torch_loader"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def load_rgb(path) -> Image.Image:
-    """Decode an image file into an RGB PIL image in its stored orientation."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            # convert() also covers L, P, CMYK, RGBA (alpha dropped), I;16 ...; copy() detaches the file.
-            return image.copy() if image.mode == "RGB" else image.convert("RGB")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: image file not found") from None
-    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError ... for broken files
-        raise OSError(f"{path}: cannot decode image ({type(error).__name__}: {error})") from None
-
-
 class WSOLDataset(Dataset):
     """Images of a split with the reference transforms.
 
-    Keys are an index or ``(index, epoch)`` pairs (as :class:`ShardSampler` yields them); the epoch and
+    Keys are an index or ``(index, epoch)`` pairs (as ``calm_fast.data.sampling.ShardSampler`` yields them); the epoch and
     ``seed`` choose the random crop and flip of training samples.
     """
 
@@ -72,7 +59,7 @@ class WSOLDataset(Dataset):
 
     def __getitem__(self, key) -> tuple[torch.Tensor, int, int]:
         index, epoch = key if isinstance(key, tuple) else (key, 0)
-        image = load_rgb(self.split.image_path(index))
+        image = decode_rgb(self.split.image_path(index))
         if self.train:
             image = self._augment(image, index, epoch)
         else:
@@ -89,68 +76,6 @@ class WSOLDataset(Dataset):
         if rng.integers(2):
             image = TF.hflip(image)
         return image
-
-
-def shard_order(
-    indices: np.ndarray,
-    rank: int,
-    world_size: int,
-    shuffle: bool,
-    seed: int,
-    epoch: int,
-    pad: bool,
-) -> np.ndarray:
-    """This rank's samples for one epoch.
-
-    ``shuffle``: a permutation of all samples drawn from ``(seed, epoch)``, the same on every rank.
-    ``pad``: repeat samples from the start of that order until every rank gets ``ceil(N / world_size)``
-    (as torch's DistributedSampler does), so that all ranks take the same number of steps; without it
-    every sample goes to exactly one rank and ranks differ in size by at most one.
-    Rank ``r`` takes positions ``r, r + world_size, ...``.
-    """
-    order = np.asarray(indices)
-    if shuffle:
-        order = np.random.default_rng([seed, epoch]).permutation(order)
-    if pad and len(order) % world_size:
-        missing = world_size - len(order) % world_size
-        order = np.concatenate([order, np.resize(order, missing)])
-    return order[rank::world_size]
-
-
-class ShardSampler(Sampler):
-    """This rank's share of a dataset, as ``(index, epoch)`` keys.
-
-    Training (``shuffle=True``): a permutation seeded by ``(seed, epoch)``, padded by wrapping around to a
-    multiple of ``world_size`` so every rank runs the same number of steps (a few images appear twice
-    per epoch when the size does not divide), then rank ``r`` takes positions ``r, r + W, ...``.
-    Evaluation (``shuffle=False``): no padding, rank ``r`` takes indices ``r, r + W, ...``; every image is
-    seen exactly once across ranks and shard sizes differ by at most one.
-    Call :meth:`set_epoch` before each epoch.
-    """
-
-    def __init__(self, size: int, rank: int = 0, world_size: int = 1, shuffle: bool = False, seed: int = 0):
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-        self.size, self.rank, self.world_size = size, rank, world_size
-        self.shuffle, self.seed = shuffle, seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def indices(self) -> np.ndarray:
-        """This rank's dataset indices for the current epoch."""
-        return shard_order(np.arange(self.size), self.rank, self.world_size, self.shuffle, self.seed, self.epoch,
-                           pad=self.shuffle)
-
-    def __iter__(self):
-        epoch = self.epoch
-        return iter([(int(i), epoch) for i in self.indices()])
-
-    def __len__(self) -> int:
-        if self.shuffle:
-            return math.ceil(self.size / self.world_size)
-        return len(range(self.rank, self.size, self.world_size))
 
 
 def _worker_init(_worker_id: int) -> None:

@@ -32,6 +32,8 @@ from torch import nn
 from torchvision.models.inception import BasicConv2d, InceptionA, InceptionC
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from calm_fast.models.weights import read_state_dict
+
 BACKBONES = ("resnet50", "vgg16", "inception_v3", "tiny_resnet", "tiny_vgg")
 
 # torchvision's ImageNet checkpoint architectures that load_pretrained understands, with their weight enums.
@@ -413,18 +415,6 @@ def torchvision_checkpoint(arch: str) -> Path:
     return cached
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise FileNotFoundError(f"pretrained: no checkpoint file at {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for a bad file; all mean "not a checkpoint".
-        raise ValueError(f"{path}: cannot read as a torch checkpoint ({error})") from error
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: expected a state dict (parameter name -> tensor), got {type(state).__name__}")
-    return state
-
-
 def _rename_vgg_key(key: str, backbone: WSOLVGG16) -> str:
     """``features.<torchvision index>.*`` -> ``features.<our index>.*``; other keys unchanged."""
     if not key.startswith("features."):
@@ -462,7 +452,7 @@ def load_pretrained(backbone_module: Backbone, path: str | os.PathLike, arch: st
         built = "with" if backbone_module.batch_norm else "without"
         raise ValueError(f"pretrained: a {arch} checkpoint does not fit a VGG16 built {built} batch_norm")
 
-    source = _read_state_dict(path)
+    source = read_state_dict(path)
     state = {}
     for key, tensor in source.items():
         if key.startswith(_UNUSED_PREFIXES[arch]):

@@ -7,8 +7,7 @@ import os
 import torch
 from torch import nn
 
-from calm_fast.head import METHODS
-
+from calm_fast.config import Config
 from calm_fast.models.backbones import (
     Backbone,
     build_backbone,
@@ -17,15 +16,15 @@ from calm_fast.models.backbones import (
     load_pretrained,
     torchvision_checkpoint,
 )
-
+from calm_fast.modes import Method, choices
 
 # build_model(pretrained=TORCHVISION) takes torchvision's ImageNet weights (from torch hub's cache).
 TORCHVISION = "torchvision"
 
 
 def check_method(method: str) -> None:
-    if method not in METHODS:
-        raise ValueError(f"method: unknown {method!r}; choose one of {', '.join(METHODS)}")
+    if method not in tuple(Method):
+        raise ValueError(f"method: unknown {method!r}; choose one of {choices(Method)}")
 
 
 class WSOLModel(nn.Module):
@@ -95,3 +94,16 @@ def build_model(
         path = torchvision_checkpoint(arch) if pretrained == TORCHVISION else pretrained
         load_pretrained(trunk, path, arch)
     return WSOLModel(trunk, num_classes, method)
+
+
+def build_model_from(cfg: Config, num_classes: int, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """The configured architecture with `state_dict` loaded (strict: a mismatch names the keys)."""
+    model = build_model(cfg.model.backbone, num_classes, cfg.model.method,
+                        large_feature_map=cfg.model.large_feature_map, batch_norm=cfg.model.batch_norm)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"the checkpoint does not fit model.backbone={cfg.model.backbone!r} "
+                         f"model.method='{cfg.model.method}' with {num_classes} classes: missing "
+                         f"{missing[:5]}{'…' if len(missing) > 5 else ''}, unexpected "
+                         f"{unexpected[:5]}{'…' if len(unexpected) > 5 else ''}")
+    return model

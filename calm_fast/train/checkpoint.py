@@ -18,59 +18,24 @@ a `.tmp-*` folder, which the next save removes. Resuming needs every rank's file
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import random
-import re
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from calm_fast.config import Config, config_from_dict, config_to_dict, load_config, save_config
+from calm_fast.atomic import atomic_torch_save
+from calm_fast.config import Config, config_to_dict, save_config
 from calm_fast.distributed import World, barrier
-from calm_fast.report import atomic_write_bytes
-
-CHECKPOINTS = "checkpoints"
-DEEPSPEED_TAG = "ds"
-CONFIG_FILE = "config.toml"
-EXPORT_FORMAT = "calm-fast-model/1"
-_STEP_DIR = re.compile(r"^step_(\d{8,})$")
-
-
-def checkpoint_root(run_dir: str | os.PathLike) -> Path:
-    return Path(run_dir) / CHECKPOINTS
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:08d}"
+from calm_fast.models.weights import (CONFIG_FILE, DEEPSPEED_TAG, EXPORT_FORMAT, STEP_DIR, checkpoint_root, consolidate,
+                                      list_checkpoints, step_dir_name)
 
 
 def trainer_file(rank: int) -> str:
     return f"trainer_rank{rank:05d}.pt"
-
-
-def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """Complete checkpoints of a run as (step, folder), oldest first."""
-    root = checkpoint_root(run_dir)
-    if not root.is_dir():
-        return []
-    found = []
-    for entry in root.iterdir():
-        match = _STEP_DIR.match(entry.name)
-        if match and entry.is_dir():
-            found.append((int(match.group(1)), entry))
-    return sorted(found)
-
-
-def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint folder of a run, or None."""
-    found = list_checkpoints(run_dir)
-    return found[-1][1] if found else None
 
 
 # ------------------------------------------------------------------------------------------ RNG state
@@ -148,19 +113,6 @@ def load_checkpoint(engine, folder: Path, world: World) -> tuple[dict[str, Any],
 # ---------------------------------------------------------------------------------------------- export
 
 
-def consolidate(checkpoint: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Config | None]:
-    """(fp32 state dict with ZeRO shards merged, config or None) of a training checkpoint folder."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    checkpoint = Path(checkpoint)
-    if not (checkpoint / DEEPSPEED_TAG).is_dir():
-        raise FileNotFoundError(f"{checkpoint}: not a calm-fast checkpoint (no {DEEPSPEED_TAG}/ folder)")
-    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's consolidation chatter
-        state_dict = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DEEPSPEED_TAG)
-    config_path = checkpoint / CONFIG_FILE
-    return dict(state_dict), (load_config(config_path) if config_path.is_file() else None)
-
-
 def export_model(checkpoint: str | os.PathLike, out_path: str | os.PathLike) -> Path:
     """Consolidate a checkpoint's weights (ZeRO shards included) into one fp32 state dict file.
 
@@ -171,26 +123,9 @@ def export_model(checkpoint: str | os.PathLike, out_path: str | os.PathLike) -> 
     state_dict, cfg = consolidate(checkpoint)
     if cfg is None:
         raise FileNotFoundError(f"{checkpoint}: no {CONFIG_FILE}; an exported model carries its config")
-    match = _STEP_DIR.match(checkpoint.name)
+    match = STEP_DIR.match(checkpoint.name)
     payload = {"format": EXPORT_FORMAT, "state_dict": state_dict, "config": config_to_dict(cfg),
                "step": int(match.group(1)) if match else None}
     return atomic_torch_save(payload, out_path)
 
 
-def load_exported(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Config, int | None]:
-    """(state_dict, config, step) of a file written by export_model."""
-    return unpack_exported(torch.load(path, map_location="cpu", weights_only=True), path)
-
-
-def unpack_exported(payload: Any, path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Config, int | None]:
-    """(state_dict, config, step) of the loaded contents of an exported model file (`path` names it in errors)."""
-    if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
-        raise ValueError(f"{path}: not a calm-fast exported model (expected format {EXPORT_FORMAT!r})")
-    return payload["state_dict"], config_from_dict(payload["config"]), payload["step"]
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """torch.save, atomically (report.atomic_write_bytes); returns the path."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return atomic_write_bytes(path, buffer.getvalue())

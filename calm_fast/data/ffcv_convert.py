@@ -23,11 +23,6 @@ The first error stops the conversion (no file is written). Output is atomic: the
 a hidden temporary name in the same folder and renamed when complete, then its sidecar
 (``<name>.beton.json``: options, metadata fingerprint, counts); a split counts as converted only when
 both exist and match its metadata and the options.
-
-Loading: ``build_ffcv_loader`` (FFCV's Loader with calm-fast's decoder, sharding and normalisation)
-yields the same ``(images, labels, indices)`` as ``calm_fast.data.torch_loader``, the plain-PyTorch
-fallback that reads the original image files when there is no .beton or no FFCV
-(``resolve_loader_kind``).
 """
 
 from __future__ import annotations
@@ -43,13 +38,15 @@ import shutil
 import signal
 import threading
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
+from rich.console import Console
+from rich.table import Table
 
+from calm_fast.atomic import write_json
+from calm_fast.data.images import MAX_STORED_SIDE, ImageProblem, load_for_storage
 from calm_fast.data.metadata import (
     SPLITS,
     MetadataError,
@@ -58,49 +55,24 @@ from calm_fast.data.metadata import (
     default_metadata_root,
     read_split,
 )
-from calm_fast.data.torch_loader import IMAGENET_MEAN, IMAGENET_STD  # one normalisation for both loaders
+from calm_fast.distributed import usable_cores
+from calm_fast.modes import WriteMode, choices
 
 __all__ = [
     "ConvertOptions",
     "ConversionError",
     "ConversionSummary",
-    "ImageProblem",
-    "FFCVLoader",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
     "beton_path_for",
-    "build_ffcv_loader",
     "convert_split",
     "ensure_beton",
-    "ffcv_available",
     "is_up_to_date",
-    "load_rgb",
     "read_beton_info",
-    "resolve_loader_kind",
     "sidecar_path",
     "add_arguments",
     "main",
 ]
 
-
 SIDECAR_FORMAT = 1
-WRITE_MODES = ("jpg", "raw", "proportion")
-RECIPES = ("reference", "rrc")
-# FFCV stores width and height as uint16.
-MAX_STORED_SIDE = 65535
-_FORMAT_OF_SUFFIX = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".gif": "GIF",
-                     ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF"}
-# Pixel modes that PIL's convert("RGB") maps faithfully; others (16-bit, float) are refused.
-_CONVERTIBLE_MODES = {"1", "L", "LA", "La", "P", "PA", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr"}
-_EXIF_ORIENTATION = 0x0112
-
-
-# ----------------------------------------------------------------------------------------------------
-# Conversion
-
-
-class ImageProblem(ValueError):
-    """An image that cannot be stored faithfully; the message names the file."""
 
 
 class ConversionError(RuntimeError):
@@ -126,8 +98,8 @@ class ConvertOptions:
         """Raise ValueError naming the option that is out of range."""
         if self.max_resolution is not None and not 16 <= self.max_resolution <= MAX_STORED_SIDE:
             raise ValueError(f"max_resolution must be in [16, {MAX_STORED_SIDE}] or None, got {self.max_resolution}")
-        if self.write_mode not in WRITE_MODES:
-            raise ValueError(f"write_mode must be one of {WRITE_MODES}, got {self.write_mode!r}")
+        if self.write_mode not in tuple(WriteMode):
+            raise ValueError(f"write_mode must be one of {choices(WriteMode)}, got {self.write_mode!r}")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
         if not 0.0 <= self.compress_probability <= 1.0:
@@ -144,83 +116,6 @@ class ConversionSummary:
     file_bytes: int
     repairs: dict[str, int]
     skipped: bool = False  # ensure_beton found an up-to-date file and wrote nothing
-
-
-def load_rgb(path: str | Path, max_resolution: int | None = None,
-             allow_truncated: bool = False) -> tuple[np.ndarray, list[str], tuple[int, int]]:
-    """Read one image as it will be stored: ``(uint8 [H, W, 3] RGB, repairs, original (width, height))``.
-
-    ``repairs`` names every repair made (see the module docstring); raises :class:`ImageProblem`
-    naming the file for anything that cannot be repaired.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path)
-    repairs: list[str] = []
-    try:
-        image = Image.open(path)
-    except FileNotFoundError:
-        raise ImageProblem(f"{path}: image file not found") from None
-    except Image.DecompressionBombError as error:
-        raise ImageProblem(f"{path}: refused as too large by PIL ({error})") from None
-    except (UnidentifiedImageError, OSError) as error:
-        raise ImageProblem(f"{path}: not a readable image ({error})") from None
-    with image:
-        width, height = image.size
-        suffix = path.suffix.lower()
-        expected_format = _FORMAT_OF_SUFFIX.get(suffix)
-        if expected_format is not None and image.format != expected_format:
-            repairs.append(f"{(image.format or 'unknown').lower()}_named_{suffix[1:]}")
-        if image.getexif().get(_EXIF_ORIENTATION, 1) != 1:
-            repairs.append("exif_orientation_ignored")
-        if image.mode != "RGB" and image.mode not in _CONVERTIBLE_MODES:
-            raise ImageProblem(f"{path}: pixel mode {image.mode!r} (16-bit or float) is not supported; "
-                               f"convert the file to 8-bit RGB")
-        target = _stored_size(width, height, max_resolution)
-        if target is None and max(width, height) > MAX_STORED_SIDE:
-            raise ImageProblem(f"{path}: {width}x{height} exceeds FFCV's largest side {MAX_STORED_SIDE}; "
-                               f"set a max resolution")
-        if target is not None and image.format == "JPEG":
-            image.draft(image.mode, target)  # decode at 1/2, 1/4 or 1/8 scale while still >= target
-        try:
-            image.load()
-        except OSError as error:
-            if not allow_truncated:
-                raise ImageProblem(f"{path}: truncated or corrupt image ({error}); allow_truncated "
-                                   f"(--allow-truncated) fills the missing part with grey") from None
-            image = _load_truncated(path)
-            repairs.append("truncated_filled")
-        if image.mode != "RGB":
-            repairs.append(f"converted_from_{image.mode}")
-            image = image.convert("RGB")
-        if target is not None:
-            image = image.resize(target, Image.Resampling.BILINEAR)
-            repairs.append("downscaled")
-        pixels = np.array(image, dtype=np.uint8)
-    return pixels, repairs, (width, height)
-
-
-def _stored_size(width: int, height: int, max_resolution: int | None) -> tuple[int, int] | None:
-    """(width, height) to store, or None when the image is kept as is."""
-    if max_resolution is None or max(width, height) <= max_resolution:
-        return None
-    scale = max_resolution / max(width, height)
-    return max(1, round(width * scale)), max(1, round(height * scale))
-
-
-def _load_truncated(path: Path):
-    from PIL import Image, ImageFile
-
-    previous = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = True
-    try:
-        image = Image.open(path)
-        image.load()
-        return image
-    except OSError as error:
-        raise ImageProblem(f"{path}: corrupt image, not repairable by filling ({error})") from None
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = previous
 
 
 class _SplitImages:
@@ -256,7 +151,7 @@ class _SplitImages:
         if self.abort.is_set():
             return self._PLACEHOLDER, label, i
         try:
-            pixels, repairs, size = load_rgb(self.paths[i], self.options.max_resolution, self.options.allow_truncated)
+            pixels, repairs, size = load_for_storage(self.paths[i], self.options.max_resolution, self.options.allow_truncated)
             self._check_size(i, size)
         except Exception as error:  # any failure must reach the main process, not kill the worker
             message = str(error) if isinstance(error, ImageProblem) else \
@@ -433,11 +328,6 @@ def _remove_stale_partials(beton_path: Path) -> None:
             continue
 
 
-def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity mask where the OS has one)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def convert_split(
     split: WSOLSplit,
     beton_path: str | Path,
@@ -446,10 +336,11 @@ def convert_split(
 ) -> ConversionSummary:
     """Write ``split`` to ``beton_path`` (fields ``image``, ``label``, ``index``) and its JSON sidecar.
 
-    Images are read and repaired by :func:`load_rgb` in ``num_workers`` processes (default: the
+    Images are read and repaired by :func:`~calm_fast.data.images.load_for_storage` in ``num_workers`` processes (default: the
     usable cores); FFCV shows a progress bar. Raises :class:`ConversionError` naming the first bad file;
     then, as after an interruption, no .beton is left at ``beton_path``.
     """
+    # FFCV is imported on use: it takes seconds to import, and calm-fast runs without it (torch loader).
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
 
@@ -515,8 +406,6 @@ def convert_split(
         "seconds": round(seconds, 3),
         "fields": ["image", "label", "index"],
     }
-    from calm_fast.report import write_json
-
     write_json(sidecar_path(beton_path), info)
     return ConversionSummary(beton_path, len(split), seconds, beton_path.stat().st_size, repairs)
 
@@ -561,240 +450,6 @@ def ensure_beton(
     return convert_split(split, beton_path, options, num_workers)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Loading
-
-
-def ffcv_available() -> bool:
-    """True when FFCV and its compiled parts import."""
-    try:
-        import ffcv.loader  # noqa: F401
-    except Exception:  # ImportError, or OSError from a missing shared library
-        return False
-    return True
-
-
-def resolve_loader_kind(kind: str, beton_paths: list[str | Path]) -> str:
-    """The loader to use for a ``data.loader`` setting: "ffcv" or "torch".
-
-    "auto" picks FFCV when it imports and every .beton in ``beton_paths`` exists, else the plain
-    PyTorch loader (``calm_fast.data.torch_loader``), which reads the original image files with the
-    same transforms. "ffcv" insists and raises naming what is missing.
-    """
-    if kind not in ("auto", "ffcv", "torch"):
-        raise ValueError(f"data.loader must be 'auto', 'ffcv' or 'torch', got {kind!r}")
-    if kind == "torch":
-        return "torch"
-    missing = [str(p) for p in beton_paths if not Path(p).is_file()]
-    if kind == "auto":
-        return "ffcv" if ffcv_available() and not missing else "torch"
-    if not ffcv_available():
-        raise RuntimeError("data.loader='ffcv' but FFCV does not import "
-                           "(pip install ffcv; it needs libturbojpeg and OpenCV)")
-    if missing:
-        raise FileNotFoundError(f"data.loader='ffcv' but {missing[0]} does not exist: run `calm-fast convert` first")
-    return "ffcv"
-
-
-class FFCVLoader:
-    """Iterable over ``(images, labels, indices)`` batches of one rank, built by :func:`build_ffcv_loader`.
-
-    ``images``: ``[B, 3, S, S]`` normalised, in ``dtype``, on ``device``, channels-last memory format
-    when asked; ``labels``: int64 ``[B]`` on ``device``; ``indices``: int64 ``[B]`` on the CPU (they
-    address the WSOLSplit: boxes, masks, ``image_sizes``). Batches live in FFCV's ring of
-    ``batches_ahead + 2`` buffers: clone what you keep longer than that.
-    """
-
-    def __init__(self, loader, order, num_samples: int):
-        self._loader = loader
-        self._order = order
-        self.num_samples = num_samples  # samples this rank visits per epoch (after padding / drop_last)
-
-    def __len__(self) -> int:
-        """Batches in a full epoch of this rank (also when the next epoch skips some)."""
-        return len(self._loader)
-
-    def __iter__(self):
-        epoch_iterator = iter(self._loader)
-        try:
-            while True:
-                _wait_for_batch(epoch_iterator)
-                try:
-                    batch = next(epoch_iterator)
-                except StopIteration:
-                    return
-                yield batch
-        finally:
-            epoch_iterator.close()  # stops FFCV's loading thread when the consumer leaves early
-
-    @property
-    def epoch(self) -> int:
-        """The epoch the next ``iter()`` runs (its order is drawn from ``(seed, epoch)``)."""
-        return self._loader.next_epoch
-
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        """Make the next ``iter()`` run ``epoch``, starting after its first ``skip_batches`` batches (resuming)."""
-        if epoch < 0 or skip_batches < 0:
-            raise ValueError(f"set_epoch: epoch and skip_batches must be >= 0, got {epoch}, {skip_batches}")
-        self._loader.next_epoch = int(epoch)
-        self._order.skip_batches = {int(epoch): int(skip_batches)} if skip_batches else {}
-
-
-def _wait_for_batch(epoch_iterator) -> None:
-    """Block until FFCV's loading thread has queued the next batch; raise if that thread died.
-
-    FFCV's iterator waits on its queue without a timeout, so an exception in the loading thread (it
-    prints its traceback) would otherwise hang the consumer forever.
-    """
-    queue = epoch_iterator.output_queue
-    with queue.not_empty:
-        while not queue._qsize():  # the size without re-taking the lock we hold
-            if not epoch_iterator.is_alive():
-                raise RuntimeError("FFCV's loading thread stopped with an error (its traceback is printed above)")
-            queue.not_empty.wait(timeout=1.0)
-
-
-def build_ffcv_loader(
-    beton_path: str | Path,
-    train: bool,
-    input_size: int = 224,
-    resize_size: int = 256,
-    batch_size: int = 64,
-    num_workers: int = 2,
-    rank: int = 0,
-    world_size: int = 1,
-    seed: int = 0,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-    recipe: str = "reference",
-    drop_last: bool | None = None,
-    channels_last: bool = True,
-    batches_ahead: int = 3,
-) -> FFCVLoader:
-    """An FFCV loader over a converted split, yielding the same triple as the torch loader.
-
-    Training (``train=True``): ``recipe="reference"`` resizes the whole image to ``resize_size``²
-    (aspect not kept), takes a random ``input_size``² crop and flips half the images (CALM.md §3);
-    ``recipe="rrc"`` is RandomResizedCrop as torchvision defines it (area 8–100 %, aspect 3/4–4/3)
-    to ``input_size``², plus the flip. Each epoch visits a permutation of all samples drawn from
-    ``(seed, epoch)``; rank ``r`` of ``world_size`` takes every ``world_size``-th sample of it, padded
-    by repeating samples so all ranks have ``ceil(N / world_size)`` samples (the same number of
-    steps); ``drop_last`` (default True) drops a final partial batch. ``FFCVLoader.set_epoch`` picks
-    the epoch and can skip its first batches when resuming.
-    Evaluation (``train=False``): the whole image resized to ``input_size``², in index order; rank
-    ``r`` takes samples ``r, r + world_size, ...``: every sample exactly once across ranks, no padding;
-    ``drop_last=True`` is refused. ``resize_size`` and ``recipe`` are ignored.
-    Sample orders and shards are those of ``calm_fast.data.torch_loader.ShardSampler`` for the same
-    seed and epoch; crops and flips are drawn independently (FFCV does not seed them).
-
-    ``num_workers`` is FFCV's thread count (numba and, as a side effect of FFCV, torch's intra-op
-    threads), capped at the threads numba may use. On a CUDA ``device`` the uint8 batch is copied
-    asynchronously and normalised there; on the CPU the decoder writes normalised fp32 (then a cast when
-    ``dtype`` differs).
-    """
-    from ffcv.fields.basics import IntDecoder
-    from ffcv.loader import Loader
-    from ffcv.transforms import Convert, Squeeze, ToDevice, ToTensor, ToTorchImage
-
-    from calm_fast.data.ffcv_ops import NormalizeOnDevice, ShardedOrder, WSOLImageDecoder
-
-    beton_path = Path(beton_path)
-    if not beton_path.is_file():
-        raise FileNotFoundError(f"{beton_path}: no such .beton (run `calm-fast convert` first)")
-    _check_loader_arguments(train, input_size, resize_size, batch_size, num_workers, rank, world_size, recipe,
-                            batches_ahead)
-    device = torch.device(device)
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be a CPU or CUDA device, got {device}")
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"dtype must be torch.float32, bfloat16 or float16, got {dtype}")
-    drop_last = train if drop_last is None else bool(drop_last)
-    if drop_last and not train:
-        raise ValueError("drop_last=True would leave evaluation images out; use it for training only")
-    _check_fields(beton_path)
-    num_workers = _cap_threads(num_workers)
-
-    mode = recipe if train else "eval"
-    mean = np.array(IMAGENET_MEAN) * 255
-    std = np.array(IMAGENET_STD) * 255
-    if device.type == "cuda":
-        decoder = WSOLImageDecoder(mode, input_size, resize_size)
-        # ToTorchImage(channels_last=False) would allocate its copy on the CPU: permute only, and let the
-        # normalisation write the requested memory format on the device.
-        memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        image_pipeline = [decoder, ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(True),
-                          NormalizeOnDevice(mean, std, dtype, memory_format)]
-        label_pipeline = [IntDecoder(), ToTensor(), Squeeze(1), ToDevice(device, non_blocking=True)]
-    else:
-        decoder = WSOLImageDecoder(mode, input_size, resize_size, mean=mean, std=std)  # normalises too
-        image_pipeline = [decoder, ToTensor(), ToTorchImage(channels_last)]
-        if dtype != torch.float32:
-            image_pipeline.append(Convert(dtype))
-        label_pipeline = [IntDecoder(), ToTensor(), Squeeze(1)]
-    index_pipeline = [IntDecoder(), ToTensor(), Squeeze(1)]
-
-    order = ShardedOrder(rank, world_size, shuffle=train, seed=seed, pad=train, batch_size=batch_size,
-                         drop_last=drop_last)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # FFCV imports distutils
-        loader = Loader(
-            str(beton_path),
-            batch_size=batch_size,
-            num_workers=num_workers,
-            order=order,
-            seed=seed,
-            drop_last=drop_last,
-            batches_ahead=batches_ahead,
-            pipelines={"image": image_pipeline, "label": label_pipeline, "index": index_pipeline},
-        )
-    return FFCVLoader(loader, order, len(loader.first_traversal_order))
-
-
-def _check_fields(beton_path: Path) -> None:
-    from ffcv.reader import Reader
-
-    try:
-        fields = list(Reader(str(beton_path)).handlers)
-    except Exception as error:  # FFCV raises AssertionError, ValueError, ... for foreign files
-        raise ValueError(f"{beton_path}: not a readable FFCV file ({type(error).__name__}: {error})") from None
-    if fields != ["image", "label", "index"]:
-        raise ValueError(f"{beton_path}: fields {fields} are not calm-fast's ['image', 'label', 'index'] "
-                         f"(write it with `calm-fast convert`)")
-
-
-def _check_loader_arguments(train, input_size, resize_size, batch_size, num_workers, rank, world_size, recipe,
-                            batches_ahead) -> None:
-    if input_size < 1:
-        raise ValueError(f"input_size must be >= 1, got {input_size}")
-    if train and recipe not in RECIPES:
-        raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
-    if train and recipe == "reference" and resize_size < input_size:
-        raise ValueError(f"resize_size ({resize_size}) must be >= input_size ({input_size}) for the reference recipe")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if num_workers < 1:
-        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-    if batches_ahead < 1:
-        raise ValueError(f"batches_ahead must be >= 1, got {batches_ahead}")
-
-
-def _cap_threads(num_workers: int) -> int:
-    import numba
-
-    limit = numba.config.NUMBA_NUM_THREADS
-    if num_workers > limit:
-        warnings.warn(f"num_workers={num_workers} exceeds the {limit} threads numba may use here; using {limit}",
-                      stacklevel=3)
-        return limit
-    return num_workers
-
-
-# ----------------------------------------------------------------------------------------------------
-# Command line: calm-fast convert
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-root", default="data",
                         help="folder holding metadata/ and the image roots (default: data)")
@@ -808,7 +463,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out-dir", help="where the .beton files go (default: <data-root>/ffcv)")
     parser.add_argument("--max-resolution", type=int, default=512,
                         help="longest stored image side; 0 keeps originals (default: 512)")
-    parser.add_argument("--write-mode", choices=WRITE_MODES, default="jpg",
+    parser.add_argument("--write-mode", choices=tuple(WriteMode), default="jpg",
                         help="jpg, raw pixels, or a random proportion of JPEGs (default: jpg)")
     parser.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality 1-100 (default: 90)")
     parser.add_argument("--compress-probability", type=float, default=0.5,
@@ -820,9 +475,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
     console = Console(stderr=True)
     metadata_root = Path(args.metadata_root) if args.metadata_root else default_metadata_root(args.data_root)
     splits = args.splits or [s for s in SPLITS if (metadata_root / args.dataset / s).is_dir()]

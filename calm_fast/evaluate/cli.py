@@ -1,0 +1,193 @@
+"""Evaluate a trained model (or a class-agnostic baseline map) on a WSOL split: MaxBoxAcc, MaxBoxAccV2, PxAP.
+
+What is measured (METRICS.md). For every image the map of its ground-truth class (GT-known) is taken at
+the model's resolution, turned into float64, resized to 224×224 with OpenCV's bicubic filter and min-max
+normalised (`normalize_scoremaps`), exactly as the reference evaluator's pipeline does. Box datasets get
+MaxBoxAcc (v1: IoU 0.5, largest contour only), MaxBoxAccV2 (every contour, mean over IoU 0.3/0.5/0.7),
+top-1 localization (box correct AND predicted class correct; the predicted class is the argmax of
+`calm_fast.head.class_log_probs`) and classification accuracy; mask datasets get PxAP. The synthetic
+datasets have both boxes and masks and get both.
+
+Distributed. The same code runs as one process, under `deepspeed` or under `torchrun`. Each rank takes a
+shard of the split (rank r: samples r, r+W, ...; every sample exactly once, which is checked), turns its
+maps into the metrics' exact integer state (counts per IoU × score threshold, pixel histograms) and the
+states are summed with one int64 all_reduce, so W ranks give exactly the one-process numbers for the same
+maps. (The maps themselves are floats from the model: a different CPU thread count, or on GPU a different
+kernel choice, can change their last bits and so move a pixel across a threshold.)
+
+Outputs, under `<run_dir>/eval/<split>/` (or --out), written by rank 0, each file atomically:
+  results.json            every number, curves included (NaN written as null)
+  metric_state.npz        the summed integer metric state (re-mergeable; two runs are equal iff these are)
+  boxacc_<map>.png        BoxAcc against the score-map threshold (box datasets)
+  pr_<map>.png            the pixel precision-recall curve (mask datasets)
+  overlays_<map>.png      the first few images with GT box, predicted box and the map
+  per_class_<map>.csv/png the per-class breakdown
+  maps/rank<r>.npz        only with --save-maps: this rank's raw maps (map_<name>: float32 [n, h, w] at
+                          the model's resolution) with their indices, labels and predicted classes
+
+Map sources. `evaluate_maps(map_fn, split, loader, ...)` scores anything that turns a batch into maps:
+a model (`ModelMaps`), or a class-agnostic baseline (`BaselineMaps`: a centred Gaussian, the smoothed
+image-gradient energy), through the same metric code.
+
+Examples (config overrides go before the list options --split/--map-kind/--baseline):
+  calm-fast eval --run runs/synthetic                       model.pt of the run, eval.split, eval.map_kind
+  calm-fast eval --run runs/synthetic eval.cam_curve_interval=0.001 --split val test --map-kind all
+  calm-fast eval -c configs/synthetic.toml --baseline centre-gaussian image-energy
+  torchrun --standalone --nproc_per_node 8 -m calm_fast.cli eval --run runs/x      (or the deepspeed
+      launcher with --module calm_fast.cli eval ...): 8 ranks, the same numbers as one process
+
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from calm_fast.atomic import save_npz
+from calm_fast.config import Config, ConfigError, effective_map_kind, load_config, with_overrides
+from calm_fast.console import user_error
+from calm_fast.data.loaders import build_eval_loader
+from calm_fast.data.splits import read_configured_split
+from calm_fast.distributed import init_world, share_cpu_threads, shutdown_world
+from calm_fast.evaluate.job import evaluate_maps
+from calm_fast.evaluate.maps import BASELINES, BaselineMaps, MapFn, ModelMaps, check_map_kinds
+from calm_fast.evaluate.reports import write_reports
+from calm_fast.evaluate.scoring import EvalSettings
+from calm_fast.models.weights import load_weights, num_classes_of
+from calm_fast.models.wsol import build_model_from
+from calm_fast.modes import MapKind, Method, choices, map_kinds_of
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", metavar="RUN_DIR",
+                        help="a training run folder: its config.toml, its model.pt (else newest checkpoint), "
+                             "and results under RUN_DIR/eval/")
+    parser.add_argument("--config", "-c", metavar="TOML", help="experiment config (default: the run's or the "
+                        "checkpoint's own)")
+    parser.add_argument("--checkpoint", metavar="PATH", help="model.pt from training, a checkpoint folder "
+                        "(checkpoints/step_N), a run folder, or a plain state dict file")
+    parser.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE",
+                        help="config overrides, e.g. eval.cam_curve_interval=0.001 data.root=data")
+    parser.add_argument("--split", nargs="+", metavar="SPLIT", help="split(s) to evaluate (default: eval.split)")
+    parser.add_argument("--map-kind", nargs="+", metavar="KIND",
+                        help=f"map kind(s): {choices(MapKind)} or all (default: eval.map_kind)")
+    parser.add_argument("--baseline", nargs="+", metavar="NAME", choices=BASELINES,
+                        help=f"evaluate class-agnostic baseline maps instead of a model: {', '.join(BASELINES)}")
+    parser.add_argument("--out", metavar="DIR", help="results folder (default: RUN_DIR/eval/SPLIT, "
+                        "RUN_DIR/eval-baselines/SPLIT for --baseline)")
+    parser.add_argument("--overlays", type=int, default=8, metavar="N",
+                        help="images in the overlay grid (the split's first N; 0: none)")
+    parser.add_argument("--no-per-class", dest="per_class", action="store_false",
+                        help="skip the per-class breakdown (one metric state instead of one per class)")
+    parser.add_argument("--save-maps", action="store_true",
+                        help="also write each rank's raw maps to OUT/maps/rank<r>.npz (compressed)")
+
+
+def resolve_config(args: argparse.Namespace) -> tuple[Config, Path | None, dict[str, torch.Tensor] | None]:
+    """(config, checkpoint to evaluate, its weights if already read).
+
+    The config is --config, else the run's config.toml, else the one a checkpoint carries, then the
+    overrides. With --run, results go under that run folder (unless run_dir is overridden).
+    """
+    run = Path(args.run) if args.run else None
+    checkpoint = Path(args.checkpoint) if args.checkpoint else run
+    state_dict = None
+    if args.config:
+        cfg = load_config(args.config, args.overrides)
+    elif run is not None and (run / "config.toml").is_file():
+        cfg = load_config(run / "config.toml", args.overrides)
+    elif checkpoint is not None and not args.baseline:
+        state_dict, saved = load_weights(checkpoint)
+        if saved is None:
+            raise ConfigError(f"{checkpoint}: holds no config; pass --config")
+        cfg = with_overrides(saved, args.overrides)
+    else:
+        raise ConfigError("no config: pass --config TOML, --run RUN_DIR, or a --checkpoint that carries its config")
+    if run is not None and not any(o.strip().startswith("run_dir=") for o in args.overrides):
+        cfg = dataclasses.replace(cfg, run_dir=str(run))
+    return cfg, checkpoint, state_dict
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        cfg, checkpoint, state_dict = resolve_config(args)
+        kinds = _map_kinds(args, cfg)
+        splits = args.split or [cfg.eval.split]
+        if args.overlays < 0:
+            raise ConfigError(f"--overlays must be >= 0, got {args.overlays}")
+    except (ConfigError, ValueError, FileNotFoundError) as error:
+        return user_error("eval", error)
+    if checkpoint is None and not args.baseline:
+        return user_error("eval", "nothing to evaluate: pass --checkpoint, --run or --baseline")
+
+    world = init_world(cfg.dist.timeout_minutes)
+    try:
+        return _run(args, cfg, checkpoint, state_dict, splits, kinds, world)
+    except Exception as error:
+        if world.world_size == 1:
+            raise
+        traceback.print_exc()
+        print(f"[calm-fast] eval rank {world.rank} failed: {type(error).__name__}: {error}", file=sys.stderr,
+              flush=True)
+        return 1
+    finally:
+        shutdown_world()
+
+
+def _map_kinds(args: argparse.Namespace, cfg: Config) -> tuple[str, ...]:
+    for value in (args.map_kind or []) + (args.split or []):
+        if "=" in value:
+            raise ConfigError(f"{value!r} looks like a config override: put overrides before --map-kind/--split")
+    if args.baseline:
+        return tuple(args.baseline)
+    if not args.map_kind:
+        kinds = (effective_map_kind(cfg),)
+    elif args.map_kind == ["all"]:
+        kinds = map_kinds_of(Method(cfg.model.method))
+    else:
+        kinds = tuple(args.map_kind)
+    return check_map_kinds(kinds, cfg.model.method)
+
+
+def _run(args, cfg: Config, checkpoint: Path | None, state_dict: dict[str, torch.Tensor] | None, splits: list[str],
+         kinds: tuple[str, ...], world) -> int:
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=120)  # logs: wide enough for the results table
+    share_cpu_threads(world)
+    settings = EvalSettings.from_config(cfg, per_class=args.per_class, overlay_count=args.overlays,
+                                        save_maps=args.save_maps)
+    info: dict[str, Any] = {"world_size": world.world_size}
+    num_classes = cfg.data.num_classes
+    if args.baseline:
+        info.update(source="baseline", baselines=list(args.baseline))
+    else:
+        if state_dict is None:
+            state_dict, _ = load_weights(checkpoint)
+        num_classes = num_classes or num_classes_of(state_dict, checkpoint)
+        model = build_model_from(cfg, num_classes, state_dict).to(world.device).eval()
+        info.update(source="model", checkpoint=str(checkpoint), backbone=cfg.model.backbone,
+                    method=cfg.model.method, prior=cfg.model.prior)
+    for split_name in splits:
+        split = read_configured_split(cfg, split_name, num_classes)
+        if args.baseline:
+            source: MapFn = BaselineMaps(kinds)
+        else:
+            source = ModelMaps(model, cfg.model.method, kinds, cfg.model.prior, world.device)
+        loader = build_eval_loader(cfg, split, world.rank, world.world_size, world.device)
+        evaluation = evaluate_maps(source, split, loader, settings, progress=world.is_main and console.is_terminal)
+        default_out = Path(cfg.run_dir) / ("eval-baselines" if args.baseline else "eval") / split_name
+        out_dir = Path(args.out) / split_name if args.out and len(splits) > 1 else Path(args.out or default_out)
+        if settings.save_maps:
+            save_npz(out_dir / "maps" / f"rank{world.rank:05d}.npz", **evaluation.saved_maps)
+        if world.is_main:
+            write_reports(evaluation, split, out_dir, info, settings, console=console)
+            console.print(f"results: {out_dir / 'results.json'}")
+    return 0

@@ -1,0 +1,90 @@
+"""The files of one evaluated split, written by rank 0: results.json (every number, curves included),
+metric_state.npz (the summed integer state), BoxAcc and PR plots, the per-class CSV and plot, the
+overlay grid (image, normalised map, GT and predicted boxes), and the results table on the console.
+The drawing itself is `calm_fast.report`'s; this module decides what goes into each file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from calm_fast import report
+from calm_fast.atomic import save_npz, write_json
+from calm_fast.data.images import decode_rgb
+from calm_fast.evaluate.job import Evaluation, ground_truth
+from calm_fast.evaluate.scoring import V1_IOU, EvalSettings
+from calm_fast.metrics import normalize_scoremaps
+from calm_fast.metrics.contours import contour_boxes
+from calm_fast.metrics.scoremaps import SCOREMAP_SIZE, integer_thresholds, quantize_scoremaps
+
+RESULTS_FORMAT = "calm-fast-eval/1"
+
+
+def write_reports(evaluation: Evaluation, split, out_dir: Path, info: dict[str, Any], settings: EvalSettings,
+                  console=None) -> dict[str, Any]:
+    """results.json, metric_state.npz, plots, overlays and per-class files for one split (rank 0)."""
+    out_dir = Path(out_dir)
+    results = {"format": RESULTS_FORMAT, **info, "dataset": split.dataset, "split": split.split,
+               "num_images": evaluation.num_images, "num_classes": split.num_classes,
+               "cam_curve_interval": settings.cam_curve_interval,
+               "iou_thresholds": list(settings.iou_thresholds), "multi_contour": settings.multi_contour,
+               "seconds": round(evaluation.seconds, 3), "maps": evaluation.results}
+    write_json(out_dir / "results.json", results)
+    save_npz(out_dir / "metric_state.npz", **{f"{name}/{key}": value for name, state in evaluation.state.items()
+                                               for key, value in state.items()})
+    for name, metrics in evaluation.results.items():
+        _write_map_reports(out_dir, name, metrics, evaluation, split, settings)
+    report.print_results(results, console=console)
+    return results
+
+
+def _write_map_reports(out_dir: Path, name: str, metrics: dict, evaluation: Evaluation, split,
+                       settings: EvalSettings) -> None:
+    box, mask = metrics.get("box"), metrics.get("mask")
+    if box:
+        curves = {f"V2 δ={iou}": curve for iou, curve in box["curves"].items()}
+        curves[f"v1 δ={V1_IOU} (largest contour)"] = box["v1_curve"]
+        report.plot_box_accuracy(out_dir / f"boxacc_{name}.png", box["thresholds"], curves,
+                                 title=f"{split.dataset} {split.split}, {name} map")
+    if mask and mask.get("pxap") is not None:
+        report.plot_pr_curve(out_dir / f"pr_{name}.png", mask["precision"], mask["recall"], mask["pxap"],
+                             title=f"{split.dataset} {split.split}, {name} map")
+    rows = metrics.get("per_class")
+    if rows:
+        report.write_per_class_csv(out_dir / f"per_class_{name}.csv", rows)
+        key, label = ("box_acc_v2", "BoxAccV2 at the split's best τ (%)") if box else ("pxap", "PxAP (%)")
+        if any(row.get(key) is not None for row in rows):
+            report.plot_per_class(out_dir / f"per_class_{name}.png", rows, key, label,
+                                  title=f"{split.dataset} {split.split}, {name} map, per class")
+    if evaluation.overlays:
+        items = overlay_items(evaluation, split, name, metrics)
+        report.plot_overlay_grid(out_dir / f"overlays_{name}.png", items,
+                                 title=f"{split.dataset} {split.split}, {name} map: GT green, predicted red")
+
+
+def overlay_items(evaluation: Evaluation, split, name: str, metrics: dict) -> list:
+    """The overlay grid's cells: image, normalised map, GT boxes/mask and the box predicted at the best
+    threshold of MaxBoxAcc (v1: the largest contour), all in the 224×224 metric frame."""
+    box = metrics.get("box")
+    items = []
+    for index in sorted(evaluation.overlays):
+        maps, predicted = evaluation.overlays[index]
+        scoremap = normalize_scoremaps([maps[name]])[0]
+        image = np.asarray(decode_rgb(split.image_path(index)))
+        image = cv2.resize(image, (SCOREMAP_SIZE, SCOREMAP_SIZE), interpolation=cv2.INTER_LINEAR)
+        gt_boxes, gt_masks = ground_truth(split, np.array([index]), split.boxes is not None, split.masks is not None)
+        pred_boxes = None
+        if box:
+            quantized = quantize_scoremaps(scoremap[None])
+            level = integer_thresholds(quantized, np.array([box["v1"]["best_threshold"]]))[0, 0]
+            pred_boxes = contour_boxes(quantized[0], int(level), multi_contour=False)
+        label = int(split.labels[index])
+        title = f"#{index} y={label}" + ("" if predicted is None else f" ŷ={predicted}")
+        items.append(report.OverlayItem(image=image, scoremap=scoremap, title=title,
+                                        gt_boxes=None if gt_boxes is None else gt_boxes[0], pred_boxes=pred_boxes,
+                                        gt_mask=None if gt_masks is None else gt_masks[0]))
+    return items

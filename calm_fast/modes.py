@@ -1,0 +1,147 @@
+"""The one home of every mode list: each choice calm-fast offers (method, objective, prior, map kind,
+precision, loader kind, head backend, LR schedule, FFCV recipe and storage mode, baseline map) is a
+`StrEnum` here. Strings from configs and command lines are turned into members once, by `parse`, where
+they enter (config reading, API entry points); inner code compares members. A member equals its string
+value, so `Method.CAM == "cam"` and members print as their values.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import TypeVar
+
+import torch
+
+__all__ = ["Method", "Objective", "Prior", "MapKind", "Precision", "LoaderKind", "Backend", "Schedule",
+           "Recipe", "DecoderMode", "WriteMode", "Baseline", "parse", "choices"]
+
+E = TypeVar("E", bound=enum.StrEnum)
+
+
+def choices(enum_class: type[enum.StrEnum]) -> str:
+    """'a, b, c': the values of a mode list, for messages."""
+    return ", ".join(member.value for member in enum_class)
+
+
+def parse(enum_class: type[E], value, name: str) -> E:
+    """`value` as a member of `enum_class`; a ValueError names `name`, the value and the choices."""
+    if isinstance(value, enum_class):
+        return value
+    try:
+        return enum_class(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r}: expected one of {choices(enum_class)}") from None
+
+
+class Objective(enum.StrEnum):
+    """The training loss (CALM.md §1)."""
+
+    EM = "em"  # the EM M-step loss of CALM-EM
+    ML = "ml"  # -log p(y | x), CALM-ML
+    CAM = "cam"  # cross-entropy of the pooled class logits
+
+
+class Method(enum.StrEnum):
+    """A WSOL method: CAM (class head only) or CALM trained by EM or by maximum likelihood."""
+
+    CAM = "cam"
+    CALM_EM = "calm-em"
+    CALM_ML = "calm-ml"
+
+    @property
+    def objective(self) -> Objective:
+        return {Method.CAM: Objective.CAM, Method.CALM_EM: Objective.EM, Method.CALM_ML: Objective.ML}[self]
+
+    @property
+    def has_location_head(self) -> bool:
+        return self is not Method.CAM
+
+
+class Prior(enum.StrEnum):
+    """p(z | x) from the location scores a: relu(a) normalised (the reference) or softmax(a)."""
+
+    RELU = "relu"
+    SOFTMAX = "softmax"
+
+
+class MapKind(enum.StrEnum):
+    """An attribution map of the ground-truth class."""
+
+    JOINT = "joint"  # p(y, z | x), the CALM map
+    POSTERIOR = "posterior"  # p(z | x, y)
+    PRIOR = "prior"  # p(z | x), class-agnostic
+    CLASS = "class"  # the raw class logits S[y], the CAM map
+
+
+# The one statement of the rule; every check of a map kind against a method says it with these words.
+CAM_MAPS_ONLY = "needs a CALM model (location head); CAM has only the 'class' map"
+
+
+def map_kinds_of(method: Method) -> tuple[MapKind, ...]:
+    """Every map kind a model of `method` has: CAM only its class map."""
+    return (MapKind.CLASS,) if method == Method.CAM else tuple(MapKind)
+
+
+class Precision(enum.StrEnum):
+    """Training precision (DeepSpeed: fp32, bf16, or fp16 with dynamic loss scaling)."""
+
+    FP32 = "fp32"
+    BF16 = "bf16"
+    FP16 = "fp16"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return {Precision.FP32: torch.float32, Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}[self]
+
+
+class LoaderKind(enum.StrEnum):
+    """data.loader: FFCV for each split whose .beton matches (auto), FFCV always, or the plain torch loader."""
+
+    AUTO = "auto"
+    FFCV = "ffcv"
+    TORCH = "torch"
+
+
+class Backend(enum.StrEnum):
+    """Head math: the fused Triton kernels on CUDA tensors and PyTorch elsewhere (auto), or one of them."""
+
+    AUTO = "auto"
+    TORCH = "torch"
+    TRITON = "triton"
+
+
+class Schedule(enum.StrEnum):
+    """LR schedule: step decay per epoch (the reference) or cosine; both with optional warm-up."""
+
+    STEP = "step"
+    COSINE = "cosine"
+
+
+class Recipe(enum.StrEnum):
+    """Training augmentation of the FFCV loader."""
+
+    REFERENCE = "reference"  # resize to resize_size², random input_size² crop, flip (CALM.md §3)
+    RRC = "rrc"  # torchvision's RandomResizedCrop to input_size², flip
+
+
+class DecoderMode(enum.StrEnum):
+    """What the FFCV image decoder does: evaluation's plain resize, or a training recipe."""
+
+    EVAL = "eval"
+    REFERENCE = "reference"
+    RRC = "rrc"
+
+
+class WriteMode(enum.StrEnum):
+    """How `calm-fast convert` stores images in a .beton."""
+
+    JPG = "jpg"
+    RAW = "raw"
+    PROPORTION = "proportion"
+
+
+class Baseline(enum.StrEnum):
+    """Class-agnostic baseline maps that a WSOL method must beat."""
+
+    CENTRE_GAUSSIAN = "centre-gaussian"
+    IMAGE_ENERGY = "image-energy"

@@ -1,0 +1,2 @@
+"""Training of WSOL models: the loop (`loop`), optimiser, schedule and DeepSpeed config (`optim`), the run
+record (`log`), checkpoints (`checkpoint`) and `calm-fast train` (`cli`)."""
