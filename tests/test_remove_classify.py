@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from calm_fast.attribution.keyed_random import RANDOM_ERASURE, TIE_BREAK, key64, keyed_hash31
 from calm_fast.attribution.model_fns import model_classifier
 from calm_fast.attribution.remove_classify import (
     pixel_ranks,
@@ -250,3 +251,25 @@ def test_a_wsol_model_classifies_every_erased_input(method):
     assert int(counts.clean_correct) == int((clean == labels).sum())
     assert int(counts.num_images) == 2
     assert (counts.random_correct <= 2).all() and (counts.top_correct <= 2).all()
+
+
+def _mix31_python(value: int) -> int:
+    """The hash's definition in plain Python integers (no tensors, no overflow questions)."""
+    value ^= value >> 16
+    value = (value * 0x7FEB352D) % (1 << 31)
+    value ^= value >> 15
+    value = (value * 0x046CA68B) % (1 << 31)
+    return value ^ (value >> 16)
+
+
+def test_keyed_hash_matches_its_integer_definition_and_is_a_permutation():
+    keys = [key64(RANDOM_ERASURE, 0, 5, 100_000), key64(TIE_BREAK, -3, 2**40)]
+    hashed = keyed_hash31(keys, 4096)
+    for row, key in enumerate(keys):
+        low, high = key % (1 << 31), (key >> 31) % (1 << 31)
+        for index in (0, 1, 77, 4095):
+            expected = _mix31_python((_mix31_python(index ^ low) + high) % (1 << 31))
+            assert int(hashed[row, index]) == expected
+        assert len(hashed[row].unique()) == 4096  # distinct: a random order without ties
+    assert not torch.equal(hashed[0], hashed[1])
+    assert key64(1, 2) != key64(2, 1) and key64(1, 2) == key64(1, 2)

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from calm_fast.attribution.keyed_random import RANDOM_MAP, key64, keyed_hash32, uniform_from_hash
+from calm_fast.attribution.keyed_random import RANDOM_MAP, key64, keyed_hash31, uniform_from_hash
 from calm_fast.attribution.remove_classify import resize_maps
 from calm_fast.baselines import centre_gaussian_map
 
@@ -37,7 +37,7 @@ def random_maps(indices: Sequence[int], size: tuple[int, int], seed: int = 0,
                 device: torch.device | str = "cpu") -> torch.Tensor:
     """Uniform [0, 1) noise keyed on (seed, image index): fp32 [B, H, W]."""
     keys = [key64(RANDOM_MAP, seed, int(index)) for index in indices]
-    return uniform_from_hash(keyed_hash32(keys, size[0] * size[1], device)).reshape(len(keys), *size)
+    return uniform_from_hash(keyed_hash31(keys, size[0] * size[1], device)).reshape(len(keys), *size)
 
 
 def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:

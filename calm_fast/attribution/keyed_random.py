@@ -6,10 +6,10 @@ a random erasure at fraction k, a random control map, SmoothGrad noise). Its key
 draw for image i is the same whether i comes first in a batch of 1 or last in a batch of 512 on rank 7.
 
 Two kinds of draw:
-- `keyed_hash32`: a counter-based hash of each element's index under a per-row key, computed batched on
+- `keyed_hash31`: a counter-based hash of each element's index under a per-row key, computed batched on
   any device with int64 tensor ops (bit-identical on CPU and GPU). For a fixed key it is a bijection of
-  [0, 2^32) (xor with a constant, add a constant mod 2^32 and murmur3's finaliser are each bijective), so
-  the hashes of a row's indices are distinct: sorting by them gives a random permutation with no ties.
+  [0, 2^31), so the hashes of a row's indices are distinct: sorting by them gives a random permutation
+  with no ties.
 - `keyed_generator`: a torch.Generator seeded from a key, for Gaussian noise (`torch.randn`) drawn per image.
 """
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-MASK32 = 0xFFFFFFFF
+MASK31 = (1 << 31) - 1
 MASK64 = (1 << 64) - 1
 
 # Purposes: the first word of every key, so that no two uses ever share a stream.
@@ -42,39 +42,37 @@ def key64(*words: int) -> int:
     return state
 
 
-def _mul32(values: torch.Tensor, constant: int) -> torch.Tensor:
-    """(values · constant) mod 2^32 for int64 values in [0, 2^32), in 16-bit halves so no int64 overflows."""
-    low, high = constant & 0xFFFF, constant >> 16
-    return (values * low + (((values * high) & 0xFFFF) << 16)) & MASK32
+def _mix31(values: torch.Tensor) -> torch.Tensor:
+    """A bijection of [0, 2^31) with good avalanche: xor-shifts and two odd multipliers mod 2^31.
 
-
-def _fmix32(values: torch.Tensor) -> torch.Tensor:
-    """murmur3's 32-bit finaliser: a bijection of [0, 2^32) with full avalanche."""
+    Working on 31 bits keeps every product below 2^62, so int64 never overflows and each multiply is one
+    tensor op (a 32-bit version needs the product split in halves: twice the work).
+    """
     values = values ^ (values >> 16)
-    values = _mul32(values, 0x85EBCA6B)
-    values = values ^ (values >> 13)
-    values = _mul32(values, 0xC2B2AE35)
+    values = (values * 0x7FEB352D) & MASK31
+    values = values ^ (values >> 15)
+    values = (values * 0x046CA68B) & MASK31
     return values ^ (values >> 16)
 
 
-def keyed_hash32(keys: list[int], count: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """int64 [len(keys), count] in [0, 2^32): row r hashes the indices 0..count-1 under keys[r].
+def keyed_hash31(keys: list[int], count: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """int64 [len(keys), count] in [0, 2^31): row r hashes the indices 0..count-1 under keys[r].
 
-    Within a row the values are distinct (a bijection of the index); rows with different keys look
-    independent.
+    Within a row the values are distinct (a bijection of the index: xor with a constant, adding a constant
+    mod 2^31 and `_mix31` are each bijective); rows with different keys look independent.
     """
-    if count > MASK32 + 1:
-        raise ValueError(f"keyed_hash32: at most 2^32 elements per row, got {count}")
-    rows = torch.tensor([[k & MASK32, (k >> 32) & MASK32] for k in keys], dtype=torch.int64, device=device)
+    if count > MASK31 + 1:
+        raise ValueError(f"keyed_hash31: at most 2^31 elements per row, got {count}")
+    rows = torch.tensor([[k & MASK31, (k >> 31) & MASK31] for k in keys], dtype=torch.int64, device=device)
     rows = rows.reshape(len(keys), 2)
     index = torch.arange(count, dtype=torch.int64, device=device)
-    hashed = _fmix32(index[None, :] ^ rows[:, :1])
-    return _fmix32((hashed + rows[:, 1:]) & MASK32)
+    hashed = _mix31(index[None, :] ^ rows[:, :1])
+    return _mix31((hashed + rows[:, 1:]) & MASK31)
 
 
 def uniform_from_hash(hashed: torch.Tensor) -> torch.Tensor:
-    """fp32 in [0, 1) from 32-bit hashes: the top 24 bits, so every value is exact in fp32."""
-    return (hashed >> 8).to(torch.float32) * (1.0 / (1 << 24))
+    """fp32 in [0, 1) from 31-bit hashes: the top 24 bits, so every value is exact in fp32."""
+    return (hashed >> 7).to(torch.float32) * (1.0 / (1 << 24))
 
 
 def keyed_generator(key: int, device: torch.device | str = "cpu") -> torch.Generator:

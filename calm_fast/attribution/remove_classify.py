@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from calm_fast.attribution.keyed_random import RANDOM_ERASURE, TIE_BREAK, key64, keyed_hash32
+from calm_fast.attribution.keyed_random import RANDOM_ERASURE, TIE_BREAK, key64, keyed_hash31
 from calm_fast.attribution.model_fns import ClassifyFn, autocast_context
 from calm_fast.metrics.remove_classify import RemoveClassifyCounts, check_fractions, erased_pixel_count
 
@@ -64,9 +64,9 @@ def pixel_ranks(maps: torch.Tensor, indices: Sequence[int], seed: int = 0) -> to
     if torch.isnan(flat).any():
         raise ValueError("maps: NaN scores cannot be ranked")
     num_pixels = flat.shape[1]
-    ties = keyed_hash32([key64(TIE_BREAK, seed, index) for index in indices], num_pixels, flat.device)
-    # Descending value first (~v = -v - 1 reverses the order), then ascending tie hash: |~v| < 2^31, so
-    # ~v · 2^32 + hash fits int64 and the keys are distinct.
+    ties = keyed_hash31([key64(TIE_BREAK, seed, index) for index in indices], num_pixels, flat.device)
+    # Descending value first (~v = -v - 1 reverses the order), then ascending tie hash (< 2^31 <= 2^32):
+    # |~v| <= 2^31, so ~v · 2^32 + hash fits int64, and the keys are distinct.
     sort_key = ~_order_preserving_int(flat) * (1 << 32) + ties
     order = sort_key.argsort(dim=1)
     ranks = torch.empty_like(order)
@@ -85,7 +85,7 @@ def random_erasures(indices: Sequence[int], fractions: Sequence[float], num_pixe
         if count == 0:
             continue
         keys = [key64(RANDOM_ERASURE, seed, index, round(fraction * _PPM)) for index in indices]
-        hashed = keyed_hash32(keys, num_pixels, device)
+        hashed = keyed_hash31(keys, num_pixels, device)
         threshold = hashed.kthvalue(count, dim=1).values
         erased[:, column] = hashed <= threshold[:, None]
     return erased
@@ -99,7 +99,9 @@ def top_erasures(ranks: torch.Tensor, fractions: Sequence[float]) -> torch.Tenso
 
 
 class _StageTimer:
-    """Adds each stage's wall time (device synchronised) to `timings`; nothing when timings is None."""
+    """Adds each stage's wall time (device synchronised) to `timings[stage]` and this process's CPU time to
+    `timings[stage + "_cpu"]` (the cost on a shared CPU, where wall time also counts other work); nothing
+    when timings is None."""
 
     def __init__(self, timings: dict[str, float] | None, device: torch.device):
         self.timings, self.device = timings, device
@@ -114,10 +116,11 @@ class _StageTimer:
             yield
             return
         self._sync()
-        started = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         yield
         self._sync()
-        self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - started
+        self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - wall
+        self.timings[f"{stage}_cpu"] = self.timings.get(f"{stage}_cpu", 0.0) + time.process_time() - cpu
 
 
 def remove_and_classify(classify: ClassifyFn, images: torch.Tensor, labels, indices, maps: Mapping[str, object],
@@ -130,8 +133,9 @@ def remove_and_classify(classify: ClassifyFn, images: torch.Tensor, labels, indi
     the split (the keys of every random draw); maps: name -> GT-class maps [B, h, w] for every name of
     `counts.map_names` (any resolution; resized to H×W). clean_predictions [B]: the model's clean
     predictions if already known (saves B forward passes); else the clean images are classified here.
-    max_batch: classifier inputs per call. timings: if a dict, the seconds of the stages "rank" (resize,
-    ranks, random masks), "mask" (building the erased inputs) and "forward" (classifying) are added to it.
+    max_batch: classifier inputs per call. timings: if a dict, the wall seconds of the stages "rank" (resize,
+    ranks, random masks), "mask" (building the erased inputs) and "forward" (classifying) are added to it,
+    and this process's CPU seconds as "rank_cpu", "mask_cpu", "forward_cpu".
     """
     if images.dim() != 4:
         raise ValueError(f"images must be [B, 3, H, W], got shape {tuple(images.shape)}")
