@@ -149,20 +149,22 @@ class _Accumulators:
     """Per-image weighted sums in fp64: map sums for each method, squared-map sums, true IG's gradient sum."""
 
     def __init__(self, methods, batch: int, shape: tuple[int, int, int], device):
-        height, width = shape[1:]
-        self.maps = {m: torch.zeros(batch, height, width, dtype=torch.float64, device=device) for m in methods
-                     if m not in ("integrated-gradients", "smoothgrad-squared", "vargrad")}
-        if "vargrad" in methods or "smoothgrad-squared" in methods:
-            self.maps.setdefault("smoothgrad", torch.zeros(batch, height, width, dtype=torch.float64, device=device))
-            self.squares = torch.zeros(batch, height, width, dtype=torch.float64, device=device)
-        self.ig_gradient = (torch.zeros(batch, *shape, dtype=torch.float64, device=device)
-                            if "integrated-gradients" in methods else None)
+        def zeros(*size):
+            return torch.zeros(batch, *size, dtype=torch.float64, device=device)
 
-    def add(self, name: str, image: torch.Tensor, values: torch.Tensor, weights: torch.Tensor) -> None:
-        """sum[name][image[r]] += weights[r] · values[r] for each row r (in row order on the CPU)."""
-        target = self.squares if name == "squares" else self.ig_gradient if name == "ig" else self.maps[name]
-        shape = (-1,) + (1,) * (values.dim() - 1)
-        target.index_add_(0, image, values.double() * weights.view(shape))
+        height, width = shape[1:]
+        self.maps = {m: zeros(height, width) for m in methods
+                     if m not in ("integrated-gradients", "smoothgrad-squared", "vargrad")}
+        self.squares = None
+        if "vargrad" in methods or "smoothgrad-squared" in methods:
+            self.maps.setdefault("smoothgrad", zeros(height, width))
+            self.squares = zeros(height, width)
+        self.ig_gradient = zeros(*shape) if "integrated-gradients" in methods else None
+
+
+def _weighted_add(target: torch.Tensor, image: torch.Tensor, values: torch.Tensor, weights: torch.Tensor) -> None:
+    """target[image[r]] += weights[r] · values[r] for each row r, in fp64."""
+    target.index_add_(0, image, values.double() * weights.view((-1,) + (1,) * (values.dim() - 1)))
 
 
 def _run(score: ScoreFn, images: torch.Tensor, labels, indices, methods: tuple[str, ...],
@@ -202,19 +204,19 @@ def _run(score: ScoreFn, images: torch.Tensor, labels, indices, methods: tuple[s
         path_image, path_local = image[path_rows], local[path_rows]
         if "vanilla" in methods:
             is_vanilla = path_local == plan.vanilla_row
-            sums.add("vanilla", path_image[is_vanilla], base[path_rows[is_vanilla]],
-                     torch.ones(int(is_vanilla.sum()), dtype=torch.float64, device=device))
+            _weighted_add(sums.maps["vanilla"], path_image[is_vanilla], base[path_rows[is_vanilla]],
+                          torch.ones(int(is_vanilla.sum()), dtype=torch.float64, device=device))
         if "ig-reference" in methods:
-            sums.add("ig-reference", path_image, base[path_rows],
-                     torch.full((len(path_rows),), 1.0 / num_path, dtype=torch.float64, device=device))
+            _weighted_add(sums.maps["ig-reference"], path_image, base[path_rows],
+                          torch.full((len(path_rows),), 1.0 / num_path, dtype=torch.float64, device=device))
         if sums.ig_gradient is not None:
-            sums.add("ig", path_image, gradient[path_rows], ig_weights[path_local])
+            _weighted_add(sums.ig_gradient, path_image, gradient[path_rows], ig_weights[path_local])
         noise_rows = (~on_path).nonzero().squeeze(1)
         if plan.samples and len(noise_rows):
             weight = torch.full((len(noise_rows),), 1.0 / plan.samples, dtype=torch.float64, device=device)
-            sums.add("smoothgrad", image[noise_rows], base[noise_rows], weight)
-            if "vargrad" in methods or "smoothgrad-squared" in methods:
-                sums.add("squares", image[noise_rows], base[noise_rows].double().square(), weight)
+            _weighted_add(sums.maps["smoothgrad"], image[noise_rows], base[noise_rows], weight)
+            if sums.squares is not None:
+                _weighted_add(sums.squares, image[noise_rows], base[noise_rows].double().square(), weight)
 
     maps = {}
     attribution = None
@@ -223,6 +225,7 @@ def _run(score: ScoreFn, images: torch.Tensor, labels, indices, methods: tuple[s
             attribution = (images.double() * sums.ig_gradient).float()  # (x − 0) ⊙ path-averaged gradient
             maps[method] = attribution.abs().amax(dim=1)
         elif method == "vargrad":
+            # fp64 keeps the cancellation small; clamp the last-bit negatives of a zero variance.
             maps[method] = (sums.squares - sums.maps["smoothgrad"].square()).clamp_min(0).float()
         elif method == "smoothgrad-squared":
             maps[method] = sums.squares.float()
