@@ -37,7 +37,6 @@ from calm_fast.attribution.model_fns import ScoreFn, autocast_context
 GRADIENT_METHODS = ("vanilla", "ig-reference", "integrated-gradients", "smoothgrad", "vargrad",
                     "smoothgrad-squared")
 IG_RULES = ("trapezoid", "riemann")
-_PATH_METHODS = ("vanilla", "ig-reference", "integrated-gradients")
 _NOISE_METHODS = ("smoothgrad", "vargrad", "smoothgrad-squared")
 FP16_SCORE_SCALE = 2.0**12
 
