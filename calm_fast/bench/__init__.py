@@ -1,7 +1,9 @@
 """Measure single-node throughput of each part against a baseline measured in the same run.
 
 Parts: `loader` (FFCV vs a plain PyTorch DataLoader), `head` (fused Triton head vs plain PyTorch and
-torch.compile), `train` (training steps/s), `metrics` (fast exact WSOL metrics vs the OpenCV loop), and `all`.
+torch.compile), `train` (training steps/s), `metrics` (fast exact WSOL metrics vs the OpenCV loop),
+`attribution` (remove-and-classify and gradient baselines against the model's own forward/backward cost), and
+`all`.
 Each prints medians and ratios; `--out FILE` also writes them as JSON.
 """
 
@@ -10,7 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-PARTS = ("loader", "head", "train", "metrics")
+PARTS = ("loader", "head", "train", "metrics", "attribution")
 
 
 def _part_modules():
