@@ -114,7 +114,7 @@ class DistConfig:
 class EvalConfig:
     split: str = "test"
     map_kind: str = "auto"  # auto: "class" for cam, "joint" for CALM | joint | posterior | prior | class
-    cam_curve_interval: float = 0.01
+    cam_curve_interval: float = 0.001  # the reference evaluator's grid (CALM.md §3); 0.01: coarser, an option
     iou_thresholds: list[int] = field(default_factory=lambda: [30, 50, 70])
     multi_contour: bool = True  # MaxBoxAccV2 (True) or v1 single-contour boxes
     batch_size: int = 64  # per rank

@@ -38,6 +38,19 @@ def test_defaults_are_the_reference_recipe():
     assert (cfg.train.epochs, cfg.optim.lr, cfg.data.batch_size) == (40, 0.01, 64)
 
 
+def test_default_evaluation_grid_is_the_reference_evaluators():
+    """CALM.md §3: cam_curve_interval 0.001 wherever numbers are compared with published ones; 0.01 stays an option."""
+    from calm_fast.metrics.boxes import BoxAccuracy
+    from calm_fast.metrics.masks import PixelAP
+
+    assert load_config().eval.cam_curve_interval == 0.001
+    for path in sorted(CONFIGS.rglob("*.toml")):
+        assert load_config(path).eval.cam_curve_interval == 0.001, path.name  # demo and synthetic included
+    assert BoxAccuracy().cam_curve_interval == 0.001 and len(BoxAccuracy().thresholds) == 1000
+    assert PixelAP().cam_curve_interval == 0.001
+    assert load_config(None, ["eval.cam_curve_interval=0.01"]).eval.cam_curve_interval == 0.01
+
+
 def test_extends_merges_key_by_key_and_child_wins(tmp_path):
     write(tmp_path / "base.toml", 'run_dir = "runs/base"\n[optim]\nlr = 0.5\nmomentum = 0.5\n[train]\nepochs = 3\n')
     child = write(tmp_path / "sub" / "child.toml", 'extends = "../base.toml"\n[optim]\nlr = 0.25\n')
