@@ -76,7 +76,7 @@ class OptimConfig:
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 1e-4
-    schedule: str = "step"  # step: ×lr_decay_factor every lr_decay_frequency epochs | cosine
+    schedule: str = "step"  # step | step_reference (decays one epoch earlier, as the reference) | cosine
     lr_decay_frequency: int = 30  # epochs
     lr_decay_factor: float = 0.1
     warmup_steps: int = 0  # linear warm-up from 0, for either schedule
