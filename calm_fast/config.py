@@ -66,7 +66,7 @@ class ModelConfig:
     large_feature_map: bool = True
     pretrained: str | None = None  # torchvision-format ImageNet state dict (local file)
     batch_norm: bool = False  # BN in the extra VGG/Inception layers
-    sync_batchnorm: bool = False  # SyncBatchNorm across ranks (GPU only)
+    sync_batchnorm: bool = False  # SyncBatchNorm when ranks split the batch (CUDA only; the experiment configs set it)
 
 
 @dataclass

@@ -181,7 +181,9 @@ def test_shipped_experiments_load_with_the_paper_settings(path):
     assert (cfg.data.batch_size, cfg.optim.lr, cfg.train.epochs, cfg.optim.lr_decay_frequency,
             cfg.optim.weight_decay, cfg.model.large_feature_map) == expected
     assert (cfg.optim.momentum, cfg.optim.nesterov, cfg.optim.head_lr_multiplier, cfg.optim.lr_decay_factor,
-            cfg.optim.schedule, cfg.optim.warmup_steps, cfg.optim.grad_clip) == (0.9, True, 10.0, 0.1, "step", 0, 0.0)
+            cfg.optim.warmup_steps, cfg.optim.grad_clip) == (0.9, True, 10.0, 0.1, 0, 0.0)
+    assert cfg.optim.schedule == "step_reference"  # decays when the reference does (29 + 11 epochs for 30/40)
+    assert cfg.model.sync_batchnorm is True  # BN over the whole global batch when ranks split it
     assert (cfg.data.input_size, cfg.data.resize_size) == (224, 256)
     assert cfg.model.batch_norm is False  # plain VGG16, no BN in the new layers (wsolevaluation's baselines)
     assert cfg.model.pretrained == "torchvision" and cfg.model.prior == "relu"

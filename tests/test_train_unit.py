@@ -269,3 +269,43 @@ def test_watchdog_stays_quiet_while_beats_arrive():
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+# ------------------------------------------------------------------------------------ SyncBatchNorm
+
+EXPERIMENT_CONFIGS = sorted((REPO / "configs" / "experiments").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", EXPERIMENT_CONFIGS, ids=lambda p: p.stem)
+def test_paper_configs_synchronise_batchnorm_when_ranks_split_the_batch(path):
+    """CALM.md §3: the reference normalises over its whole batch; with N ranks the paper configs use
+    SyncBatchNorm. Only the module conversion is checked (SyncBatchNorm's forward needs CUDA and a group)."""
+    from calm_fast.models import build_model
+    from calm_fast.train.loop import synchronise_batchnorm
+
+    cfg = load_config(path)
+    assert cfg.model.sync_batchnorm is True
+    with torch.device("meta"):
+        model = build_model(cfg.model.backbone, cfg.data.num_classes, cfg.model.method,
+                            large_feature_map=cfg.model.large_feature_map, batch_norm=cfg.model.batch_norm)
+    batchnorms = [name for name, module in model.named_modules() if type(module) is torch.nn.BatchNorm2d]
+    keys = list(model.state_dict())
+    assert len(batchnorms) > 0 or (cfg.model.backbone == "vgg16" and not cfg.model.batch_norm)
+    assert synchronise_batchnorm(model, cfg, world_size=1, device_type="cuda") is model  # one rank: untouched
+    assert all(type(model.get_submodule(name)) is torch.nn.BatchNorm2d for name in batchnorms)
+    synced = synchronise_batchnorm(model, cfg, world_size=2, device_type="cuda")
+    assert all(type(synced.get_submodule(name)) is torch.nn.SyncBatchNorm for name in batchnorms)
+    assert not any(type(module) is torch.nn.BatchNorm2d for module in synced.modules())
+    assert list(synced.state_dict()) == keys  # same parameter and buffer names: checkpoints and exports load
+
+
+def test_per_rank_batchnorm_stays_an_option_and_cpu_ranks_are_told_so():
+    from calm_fast.models import build_model
+    from calm_fast.train.loop import synchronise_batchnorm
+
+    model = build_model("tiny_resnet", 3, "cam")
+    per_rank = load_config(EXPERIMENT_CONFIGS[0], ["model.sync_batchnorm=false"])
+    assert synchronise_batchnorm(model, per_rank, world_size=8, device_type="cuda") is model
+    assert not any(isinstance(module, torch.nn.SyncBatchNorm) for module in model.modules())
+    with pytest.raises(ConfigError, match="model.sync_batchnorm.*CUDA.*model.sync_batchnorm=false"):
+        synchronise_batchnorm(model, load_config(EXPERIMENT_CONFIGS[0]), world_size=2, device_type="cpu")
