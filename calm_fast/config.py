@@ -54,7 +54,10 @@ class DataConfig:
     batch_size: int = 64  # global: summed over ranks and gradient-accumulation steps
     eval_batch_size: int = 64  # per rank
     workers: int = 4  # loader processes per rank
-    loader: str = "auto"  # auto | ffcv | torch
+    loader: str = "auto"  # training: auto | ffcv | torch
+    # Evaluation and validation: torch (the exact path: PIL bilinear from the original file, as the reference)
+    # | auto | ffcv (faster; JPEG q90 ≤ 512 px and INTER_AREA give other pixels, README "Reproducing the paper")
+    eval_loader: str = "torch"
     beton_dir: str | None = None  # FFCV files; default <root>/ffcv
 
 
@@ -296,6 +299,7 @@ def validate(cfg: Config, origin: dict[str, str] | None = None) -> None:
     _choice(cfg.train.zero_stage, ZERO_STAGES, "train.zero_stage", origin)
     _choice(cfg.optim.schedule, tuple(Schedule), "optim.schedule", origin)
     _choice(cfg.data.loader, tuple(LoaderKind), "data.loader", origin)
+    _choice(cfg.data.eval_loader, tuple(LoaderKind), "data.eval_loader", origin)
     _choice(cfg.eval.map_kind, ("auto", *MapKind), "eval.map_kind", origin)
     positive = {
         "data.input_size": cfg.data.input_size, "data.resize_size": cfg.data.resize_size,

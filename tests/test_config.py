@@ -185,6 +185,7 @@ def test_shipped_experiments_load_with_the_paper_settings(path):
     assert cfg.optim.schedule == "step_reference"  # decays when the reference does (29 + 11 epochs for 30/40)
     assert cfg.model.sync_batchnorm is True  # BN over the whole global batch when ranks split it
     assert (cfg.data.input_size, cfg.data.resize_size) == (224, 256)
+    assert cfg.data.eval_loader == "torch"  # evaluation on the reference's pixels, not FFCV's stored copy
     assert cfg.model.batch_norm is False  # plain VGG16, no BN in the new layers (wsolevaluation's baselines)
     assert cfg.model.pretrained == "torchvision" and cfg.model.prior == "relu"
     assert cfg.train.precision == "fp32"  # the published numbers are fp32 training
