@@ -54,7 +54,10 @@ class DataConfig:
     batch_size: int = 64  # global: summed over ranks and gradient-accumulation steps
     eval_batch_size: int = 64  # per rank
     workers: int = 4  # loader processes per rank
-    loader: str = "auto"  # auto | ffcv | torch
+    loader: str = "auto"  # training: auto | ffcv | torch
+    # Evaluation and validation: torch (the exact path: PIL bilinear from the original file, as the reference)
+    # | auto | ffcv (faster; JPEG q90 ≤ 512 px and INTER_AREA give other pixels, README "Reproducing the paper")
+    eval_loader: str = "torch"
     beton_dir: str | None = None  # FFCV files; default <root>/ffcv
 
 
@@ -66,7 +69,7 @@ class ModelConfig:
     large_feature_map: bool = True
     pretrained: str | None = None  # torchvision-format ImageNet state dict (local file)
     batch_norm: bool = False  # BN in the extra VGG/Inception layers
-    sync_batchnorm: bool = False  # SyncBatchNorm across ranks (GPU only)
+    sync_batchnorm: bool = False  # SyncBatchNorm when ranks split the batch (CUDA only; the experiment configs set it)
 
 
 @dataclass
@@ -76,7 +79,7 @@ class OptimConfig:
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 1e-4
-    schedule: str = "step"  # step: ×lr_decay_factor every lr_decay_frequency epochs | cosine
+    schedule: str = "step"  # step | step_reference (decays one epoch earlier, as the reference) | cosine
     lr_decay_frequency: int = 30  # epochs
     lr_decay_factor: float = 0.1
     warmup_steps: int = 0  # linear warm-up from 0, for either schedule
@@ -114,7 +117,7 @@ class DistConfig:
 class EvalConfig:
     split: str = "test"
     map_kind: str = "auto"  # auto: "class" for cam, "joint" for CALM | joint | posterior | prior | class
-    cam_curve_interval: float = 0.01
+    cam_curve_interval: float = 0.001  # the reference evaluator's grid (CALM.md §3); 0.01: coarser, an option
     iou_thresholds: list[int] = field(default_factory=lambda: [30, 50, 70])
     multi_contour: bool = True  # MaxBoxAccV2 (True) or v1 single-contour boxes
     batch_size: int = 64  # per rank
@@ -296,6 +299,7 @@ def validate(cfg: Config, origin: dict[str, str] | None = None) -> None:
     _choice(cfg.train.zero_stage, ZERO_STAGES, "train.zero_stage", origin)
     _choice(cfg.optim.schedule, tuple(Schedule), "optim.schedule", origin)
     _choice(cfg.data.loader, tuple(LoaderKind), "data.loader", origin)
+    _choice(cfg.data.eval_loader, tuple(LoaderKind), "data.eval_loader", origin)
     _choice(cfg.eval.map_kind, ("auto", *MapKind), "eval.map_kind", origin)
     positive = {
         "data.input_size": cfg.data.input_size, "data.resize_size": cfg.data.resize_size,

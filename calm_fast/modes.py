@@ -111,9 +111,16 @@ class Backend(enum.StrEnum):
 
 
 class Schedule(enum.StrEnum):
-    """LR schedule: step decay per epoch (the reference) or cosine; both with optional warm-up."""
+    """LR schedule: step decay per epoch or cosine; both with optional warm-up.
+
+    Both step schedules multiply the LR by lr_decay_factor every lr_decay_frequency (f) epochs; they
+    differ in when. STEP decays after k·f full epochs (at the start of 0-based epoch k·f). STEP_REFERENCE
+    decays as the CALM reference does, at the start of epoch k·f counted from 1 (0-based epoch k·f − 1):
+    for f = 30 and 40 epochs, 29 epochs at the full LR, then 11 (CALM.md §3).
+    """
 
     STEP = "step"
+    STEP_REFERENCE = "step_reference"
     COSINE = "cosine"
 
 

@@ -497,7 +497,7 @@ def test_ffcv_and_torch_loaders_feed_the_same_samples(split, data_root, tmp_path
             f"data.beton_dir={json.dumps(str(tmp_path))}", "data.workers=1", "eval.batch_size=4"]
     states = {}
     for kind in ("ffcv", "torch"):
-        cfg = load_config(None, base + [f"data.loader={kind}"])
+        cfg = load_config(None, base + [f"data.eval_loader={kind}"])
         shards = [build_eval_loader(cfg, split, rank, 2) for rank in range(2)]
         assert isinstance(shards[0], ffcv_loader.FFCVLoader) == (kind == "ffcv")
         seen = [int(i) for shard in shards for _, _, indices in shard for i in indices]
@@ -507,8 +507,12 @@ def test_ffcv_and_torch_loaders_feed_the_same_samples(split, data_root, tmp_path
     for key, value in states["torch"]["oracle"].items():
         np.testing.assert_array_equal(states["ffcv"]["oracle"][key], value, err_msg=key)
     # "auto" takes the .beton while it matches the metadata
-    auto = load_config(None, base + ["data.loader=auto"])
+    auto = load_config(None, base + ["data.eval_loader=auto"])
     assert isinstance(build_eval_loader(auto, split), ffcv_loader.FFCVLoader)
+    # By default evaluation reads the original files (the reference's pixels), whatever training reads.
+    default = load_config(None, base + ["data.loader=ffcv"])
+    assert default.data.eval_loader == "torch"
+    assert isinstance(build_eval_loader(default, split), torch.utils.data.DataLoader)
 
 
 def test_a_run_folder_is_evaluated_into_itself(experiment, monkeypatch):

@@ -99,7 +99,7 @@ def test_shards_merged_equal_one_pass():
             np.testing.assert_array_equal(combined.state_dict()[name], value)
         assert combined.compute()["pxap"] == whole.compute()["pxap"]
     with pytest.raises(ValueError, match="cannot merge"):
-        whole.merge(PixelAP(0.001))
+        whole.merge(PixelAP(0.01))
 
 
 def test_load_gt_mask_resizes_nearest_unites_instances_and_ignores(tmp_path):

@@ -36,20 +36,24 @@ def inception_map_size(size: int, large_feature_map: bool) -> int:
     size = conv_out(size, 3)  # Conv2d_4a (3b is 1×1)
     size = conv_out(size, 3, stride=2, padding=1, ceil=True)
     if not large_feature_map:
-        size = conv_out(size, 3, stride=2, padding=1, ceil=True)
+        size = conv_out(size, 3, stride=2, padding=0, ceil=True)  # the reference's extra pool: no padding
     return size  # Mixed_5*, Mixed_6a (stride 1, pad 1), Mixed_6b-e and the extra convs keep it
 
 
 def test_inception_map_size_derivation():
     assert inception_map_size(224, large_feature_map=True) == 28
-    assert inception_map_size(224, large_feature_map=False) == 15
+    assert inception_map_size(224, large_feature_map=False) == 14  # like ResNet50 and VGG16 (CALM.md §2)
 
 
 EXPECTED_AT_224 = {  # backbone -> (map side with large_feature_map, without, feature channels)
     "resnet50": (28, 14, 2048),
     "vgg16": (28, 14, 1024),
-    "inception_v3": (inception_map_size(224, True), inception_map_size(224, False), 1024),
+    "inception_v3": (28, 14, 1024),  # checked against the derivation above
 }
+
+
+def test_expected_inception_sides_follow_the_derivation():
+    assert EXPECTED_AT_224["inception_v3"][:2] == (inception_map_size(224, True), inception_map_size(224, False))
 
 
 @pytest.mark.parametrize("batch_norm", [False, True])
@@ -100,6 +104,74 @@ def test_heads_are_xavier_uniform_with_zero_bias():
     assert weight.abs().max() <= bound and weight.abs().max() > 0.95 * bound  # uniform on [-bound, bound]
     assert abs(weight.std().item() - bound / math.sqrt(3.0)) < 0.02 * bound
     assert torch.all(model.class_head.bias == 0) and torch.all(model.location_head.bias == 0)
+
+
+# The layers that no ImageNet checkpoint covers, by name in the backbone: conv modules.
+NEW_CONVS = {"vgg16": ("conv6.0",), "inception_v3": ("extra_convs.0.0", "extra_convs.1.0")}
+
+
+def moments(weight: torch.Tensor) -> tuple[float, float, float]:
+    """(mean, standard deviation, kurtosis E[(w-m)^4] / var^2) of all entries, in float64."""
+    w = weight.detach().double().flatten()
+    centred = w - w.mean()
+    var = centred.square().mean()
+    return w.mean().item(), var.sqrt().item(), (centred.pow(4).mean() / var.square()).item()
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+@pytest.mark.parametrize("backbone", list(NEW_CONVS))
+def test_new_layers_are_he_initialised_and_heads_xavier(backbone, batch_norm):
+    """CALM.md §2: conv6 / extra convs Kaiming-normal with fan-out (std sqrt(2 / (out·kh·kw))), zero bias;
+    the 1×1 heads Xavier-uniform (std sqrt(2 / (in + out)), bounded by sqrt(3) std)."""
+    torch.manual_seed(0)
+    model = build_model(backbone, 200, "calm-em", batch_norm=batch_norm)
+    for name in NEW_CONVS[backbone]:
+        conv = model.backbone.get_submodule(name)
+        assert isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3)
+        fan_out = conv.out_channels * 9
+        mean, std, kurtosis = moments(conv.weight)
+        count = conv.weight.numel()  # millions: the sampling error of the std is ~1/sqrt(2·count) relative
+        expected = math.sqrt(2.0 / fan_out)
+        assert abs(std / expected - 1) < 0.01, (name, std, expected)
+        assert abs(mean) < 5 * expected / math.sqrt(count)
+        assert abs(kurtosis - 3.0) < 0.05  # normal (uniform would give 1.8)
+        assert torch.all(conv.bias == 0)
+        if batch_norm:  # the BatchNorm after it starts at (1, 0)
+            block = model.backbone.get_submodule(name.rsplit(".", 1)[0])
+            assert isinstance(block[1], nn.BatchNorm2d)
+            assert torch.all(block[1].weight == 1) and torch.all(block[1].bias == 0)
+    for head in (model.class_head, model.location_head):
+        fan_in, fan_out = head.in_channels, head.out_channels
+        _, std, _ = moments(head.weight)
+        bound = math.sqrt(6.0 / (fan_in + fan_out))
+        assert head.weight.abs().max() <= bound
+        assert abs(std / (bound / math.sqrt(3.0)) - 1) < (0.02 if fan_out > 1 else 0.1)  # 1,024 entries only
+        assert torch.all(head.bias == 0)
+
+
+def test_inception_dropout_sits_where_wsolevaluation_has_it():
+    """Dropout 0.5 on the Mixed_6e output, between the extra convs and on the features: the forward in
+    training mode equals that chain written out with F.dropout under the same RNG state; off in eval."""
+    torch.manual_seed(0)
+    trunk = build_backbone("inception_v3", large_feature_map=True)
+    images = torch.randn(2, 3, 64, 64)
+    trunk.eval()  # BatchNorm with running statistics: only the dropout differs between the two modes
+    with torch.no_grad():
+        evaluated = trunk(images)
+        trunk.dropout.train()
+        torch.manual_seed(7)
+        trained = trunk(images)
+        x = trunk.Conv2d_2b_3x3(trunk.Conv2d_2a_3x3(trunk.Conv2d_1a_3x3(images)))
+        x = trunk.Conv2d_4a_3x3(trunk.Conv2d_3b_1x1(trunk.pool1(x)))
+        x = trunk.Mixed_6a(trunk.Mixed_5d(trunk.Mixed_5c(trunk.Mixed_5b(trunk.pool2(x)))))
+        mixed_6e = trunk.Mixed_6e(trunk.Mixed_6d(trunk.Mixed_6c(trunk.Mixed_6b(x))))
+        torch.manual_seed(7)
+        drop = lambda t: nn.functional.dropout(t, 0.5, training=True)  # noqa: E731
+        expected = drop(trunk.extra_convs[1](drop(trunk.extra_convs[0](drop(mixed_6e)))))
+        expected_eval = trunk.extra_convs[1](trunk.extra_convs[0](mixed_6e))
+    torch.testing.assert_close(trained, expected)
+    torch.testing.assert_close(evaluated, expected_eval)
+    assert not torch.equal(trained, evaluated)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -84,6 +84,43 @@ def test_step_schedule_decays_every_k_epochs():
     assert lr_factor(29, cfg, steps_per_epoch, 100) == 1.0 and lr_factor(30, cfg, steps_per_epoch, 100) == pytest.approx(0.1)
 
 
+def reference_epoch_lrs(epochs: int, frequency: int, factor: float) -> list[float]:
+    """The CALM reference's rule, written out: before epoch e (0-based) it calls its decay with e + 1 and
+    multiplies the LR by `factor` when that number is a non-zero multiple of `frequency`."""
+    lr, lrs = 1.0, []
+    for epoch in range(epochs):
+        if (epoch + 1) != 0 and (epoch + 1) % frequency == 0:
+            lr *= factor
+        lrs.append(lr)
+    return lrs
+
+
+@pytest.mark.parametrize("epochs, frequency", [(40, 30), (10, 3), (7, 1)])
+def test_step_reference_decays_when_the_reference_does(epochs, frequency):
+    cfg = load_config(None, ["optim.schedule=step_reference", f"optim.lr_decay_frequency={frequency}",
+                             "optim.lr_decay_factor=0.1"])
+    steps_per_epoch = 4
+    total = epochs * steps_per_epoch
+    factors = [lr_factor(s, cfg, steps_per_epoch, total) for s in range(total)]
+    for epoch, expected in enumerate(reference_epoch_lrs(epochs, frequency, 0.1)):
+        assert factors[epoch * steps_per_epoch:(epoch + 1) * steps_per_epoch] == pytest.approx([expected] * 4)
+
+
+def test_step_reference_with_the_paper_recipe_gives_29_then_11_epochs():
+    cfg = load_config(None, ["optim.schedule=step_reference", "optim.lr_decay_frequency=30"])
+    steps_per_epoch = 93  # CUB: 5,994 images in whole batches of 64
+    per_epoch = [lr_factor(e * steps_per_epoch, cfg, steps_per_epoch, 40 * steps_per_epoch) for e in range(40)]
+    assert per_epoch[:29] == [1.0] * 29 and per_epoch[29:] == pytest.approx([0.1] * 11)
+    changes = [s for s in range(1, 40 * steps_per_epoch)
+               if lr_factor(s, cfg, steps_per_epoch, 0) != lr_factor(s - 1, cfg, steps_per_epoch, 0)]
+    assert changes == [29 * steps_per_epoch]  # the first step of epoch 30 counted from 1
+    # The plain step schedule decays one epoch later: after 30 full epochs.
+    plain = load_config(None, ["optim.schedule=step", "optim.lr_decay_frequency=30"])
+    assert [s for s in range(1, 40 * steps_per_epoch)
+            if lr_factor(s, plain, steps_per_epoch, 0) != lr_factor(s - 1, plain, steps_per_epoch, 0)] == [
+        30 * steps_per_epoch]
+
+
 def test_cosine_with_warmup():
     cfg = load_config(None, ["optim.schedule=cosine", "optim.warmup_steps=4", "optim.min_lr_ratio=0.1"])
     f = [lr_factor(s, cfg, steps_per_epoch=7, total_steps=24) for s in range(24)]
@@ -232,3 +269,43 @@ def test_watchdog_stays_quiet_while_beats_arrive():
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+# ------------------------------------------------------------------------------------ SyncBatchNorm
+
+EXPERIMENT_CONFIGS = sorted((REPO / "configs" / "experiments").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", EXPERIMENT_CONFIGS, ids=lambda p: p.stem)
+def test_paper_configs_synchronise_batchnorm_when_ranks_split_the_batch(path):
+    """CALM.md §3: the reference normalises over its whole batch; with N ranks the paper configs use
+    SyncBatchNorm. Only the module conversion is checked (SyncBatchNorm's forward needs CUDA and a group)."""
+    from calm_fast.models import build_model
+    from calm_fast.train.loop import synchronise_batchnorm
+
+    cfg = load_config(path)
+    assert cfg.model.sync_batchnorm is True
+    with torch.device("meta"):
+        model = build_model(cfg.model.backbone, cfg.data.num_classes, cfg.model.method,
+                            large_feature_map=cfg.model.large_feature_map, batch_norm=cfg.model.batch_norm)
+    batchnorms = [name for name, module in model.named_modules() if type(module) is torch.nn.BatchNorm2d]
+    keys = list(model.state_dict())
+    assert len(batchnorms) > 0 or (cfg.model.backbone == "vgg16" and not cfg.model.batch_norm)
+    assert synchronise_batchnorm(model, cfg, world_size=1, device_type="cuda") is model  # one rank: untouched
+    assert all(type(model.get_submodule(name)) is torch.nn.BatchNorm2d for name in batchnorms)
+    synced = synchronise_batchnorm(model, cfg, world_size=2, device_type="cuda")
+    assert all(type(synced.get_submodule(name)) is torch.nn.SyncBatchNorm for name in batchnorms)
+    assert not any(type(module) is torch.nn.BatchNorm2d for module in synced.modules())
+    assert list(synced.state_dict()) == keys  # same parameter and buffer names: checkpoints and exports load
+
+
+def test_per_rank_batchnorm_stays_an_option_and_cpu_ranks_are_told_so():
+    from calm_fast.models import build_model
+    from calm_fast.train.loop import synchronise_batchnorm
+
+    model = build_model("tiny_resnet", 3, "cam")
+    per_rank = load_config(EXPERIMENT_CONFIGS[0], ["model.sync_batchnorm=false"])
+    assert synchronise_batchnorm(model, per_rank, world_size=8, device_type="cuda") is model
+    assert not any(isinstance(module, torch.nn.SyncBatchNorm) for module in model.modules())
+    with pytest.raises(ConfigError, match="model.sync_batchnorm.*CUDA.*model.sync_batchnorm=false"):
+        synchronise_batchnorm(model, load_config(EXPERIMENT_CONFIGS[0]), world_size=2, device_type="cpu")

@@ -1,7 +1,8 @@
 """The one place that decides, for any split, whether it is read by FFCV (its .beton from `calm-fast
-convert`) or by the plain torch loader, for training and evaluation alike, and that builds the loader:
-`build_eval_loader` (every sample exactly once across ranks) and `build_loaders` (training's batches:
-global batches cut into each rank's micro-batches, see `calm_fast.data.sampling`).
+convert`) or by the plain torch loader (data.loader for training, data.eval_loader for evaluation and
+validation), and that builds the loader: `build_eval_loader` (every sample exactly once across ranks) and
+`build_loaders` (training's batches: global batches cut into each rank's micro-batches, see
+`calm_fast.data.sampling`).
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ class FFCVTrainBatches:
 def build_loaders(cfg: Config, world: World, train_split, val_split):
     """(training batches, validation loader) for this rank: the one place that picks the loader.
 
-    data.loader: "torch" reads the image files (our global-batch sampler: rank-invariant and bitwise
+    The validation loader follows data.eval_loader (`build_eval_loader`). data.loader, for the training
+    batches: "torch" reads the image files (our global-batch sampler: rank-invariant and bitwise
     resumable); "ffcv" reads the .beton files of `calm-fast convert`; "auto" takes FFCV for each split whose
     .beton exists and matches the metadata, else torch (`loader_kind`).
     """
@@ -113,11 +115,13 @@ def build_eval_loader(cfg: Config, split, rank: int = 0, world_size: int = 1,
     mean/std; rank r takes samples r, r+W, ... (each exactly once, no padding); yields (images, labels,
     indices) with cfg.eval.batch_size images per batch.
 
-    data.loader picks FFCV or the plain PyTorch loader: "auto" takes FFCV when the split's .beton
-    (`calm-fast convert`) exists and matches the metadata, "ffcv" insists, "torch" never uses it.
+    data.eval_loader picks the plain PyTorch loader ("torch", the default: the original file resized with
+    PIL bilinear, as the reference) or FFCV: "auto" takes FFCV when the split's .beton (`calm-fast
+    convert`) exists and matches the metadata, "ffcv" insists. FFCV's stored images (JPEG q90, at most
+    512 px) resized with INTER_AREA are not the reference's pixels: faster, but other numbers.
     """
     data = cfg.data
-    kind, beton = loader_kind(cfg, split)
+    kind, beton = loader_kind(cfg, split, "data.eval_loader")
     if kind == "ffcv":
         return build_ffcv_loader(beton, train=False, input_size=data.input_size, batch_size=cfg.eval.batch_size,
                                  num_workers=max(1, data.workers), rank=rank, world_size=world_size,
@@ -129,18 +133,20 @@ def build_eval_loader(cfg: Config, split, rank: int = 0, world_size: int = 1,
                                            pin_memory=torch.device(device).type == "cuda")
 
 
-def loader_kind(cfg: Config, split) -> tuple[str, Path]:
-    """("ffcv" or "torch", the split's .beton path) for data.loader: "auto" takes FFCV when the split's
-    .beton exists and matches its metadata, "ffcv" insists (a stale file is an error), "torch" never uses it."""
+def loader_kind(cfg: Config, split, key: str = "data.loader") -> tuple[str, Path]:
+    """("ffcv" or "torch", the split's .beton path) for the setting `key` (data.loader for training,
+    data.eval_loader for evaluation): "auto" takes FFCV when the split's .beton exists and matches its
+    metadata, "ffcv" insists (a stale file is an error), "torch" never uses it."""
     data = cfg.data
+    setting = {"data.loader": data.loader, "data.eval_loader": data.eval_loader}[key]
     beton = beton_path_for(data.beton_dir or Path(data.root) / "ffcv", split.dataset, split.split)
     matches = beton.is_file() and _beton_matches(split, beton)
-    if data.loader == "ffcv" and beton.is_file() and not matches:
+    if setting == "ffcv" and beton.is_file() and not matches:
         raise FileNotFoundError(f"{beton} does not match {split.metadata_dir} (converted from other metadata "
                                 "or options): run `calm-fast convert` again")
-    if data.loader == "torch" or (data.loader == "auto" and not matches):
+    if setting == "torch" or (setting == "auto" and not matches):
         return "torch", beton
-    return resolve_loader_kind(data.loader, [beton]), beton
+    return resolve_loader_kind(setting, [beton], key), beton
 
 
 def _beton_matches(split, beton: Path) -> bool:
@@ -155,23 +161,23 @@ def _beton_matches(split, beton: Path) -> bool:
     return is_up_to_date(split, beton, options)
 
 
-def resolve_loader_kind(kind: str, beton_paths: list[str | Path]) -> str:
-    """The loader to use for a ``data.loader`` setting: "ffcv" or "torch".
+def resolve_loader_kind(kind: str, beton_paths: list[str | Path], key: str = "data.loader") -> str:
+    """The loader to use for a loader setting (``key``: data.loader or data.eval_loader): "ffcv" or "torch".
 
     "auto" picks FFCV when it imports and every .beton in ``beton_paths`` exists, else the plain
     PyTorch loader (``calm_fast.data.torch_loader``), which reads the original image files with the
     same transforms. "ffcv" insists and raises naming what is missing.
     """
     if kind not in ("auto", "ffcv", "torch"):
-        raise ValueError(f"data.loader must be 'auto', 'ffcv' or 'torch', got {kind!r}")
+        raise ValueError(f"{key} must be 'auto', 'ffcv' or 'torch', got {kind!r}")
     if kind == "torch":
         return "torch"
     missing = [str(p) for p in beton_paths if not Path(p).is_file()]
     if kind == "auto":
         return "ffcv" if ffcv_available() and not missing else "torch"
     if not ffcv_available():
-        raise RuntimeError("data.loader='ffcv' but FFCV does not import "
+        raise RuntimeError(f"{key}='ffcv' but FFCV does not import "
                            "(pip install ffcv; it needs libturbojpeg and OpenCV)")
     if missing:
-        raise FileNotFoundError(f"data.loader='ffcv' but {missing[0]} does not exist: run `calm-fast convert` first")
+        raise FileNotFoundError(f"{key}='ffcv' but {missing[0]} does not exist: run `calm-fast convert` first")
     return "ffcv"

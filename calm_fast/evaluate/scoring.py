@@ -23,7 +23,7 @@ V1_IOU = 50  # MaxBoxAcc (v1) is IoU 0.5 with the largest contour only
 class EvalSettings:
     """What to measure and what to keep. `from_config` reads the `[eval]` section."""
 
-    cam_curve_interval: float = 0.01
+    cam_curve_interval: float = 0.001  # the reference evaluator's grid (CALM.md §3)
     iou_thresholds: tuple[int, ...] = (30, 50, 70)
     multi_contour: bool = True  # MaxBoxAccV2's box rule; False scores every δ with the largest contour only
     per_class: bool = True  # keep one metric state per class (the per-class breakdown)

@@ -67,7 +67,7 @@ def _pack_gt_boxes(gt_boxes: Sequence, count: int) -> tuple[np.ndarray, np.ndarr
 
 
 def best_box_iou(scoremaps: Sequence | np.ndarray, gt_boxes: Sequence[np.ndarray],
-                 cam_curve_interval: float = 0.01, multi_contour: bool = True,
+                 cam_curve_interval: float = 0.001, multi_contour: bool = True,
                  num_threads: int | None = None) -> np.ndarray:
     """best[i, k]: max IoU between the boxes of map i at threshold τ_k and its GT boxes. float64 [N, T].
 
@@ -104,7 +104,7 @@ def _per_level_best_iou(quantized: np.ndarray, packed: np.ndarray, offsets: np.n
 
 
 def box_correctness(scoremaps: Sequence | np.ndarray, gt_boxes: Sequence[np.ndarray],
-                    cam_curve_interval: float = 0.01, iou_thresholds: Sequence[int] = (30, 50, 70),
+                    cam_curve_interval: float = 0.001, iou_thresholds: Sequence[int] = (30, 50, 70),
                     multi_contour: bool = True, num_threads: int | None = None) -> np.ndarray:
     """correct[i, j, k] = best IoU of map i at τ_k >= iou_thresholds[j] / 100. bool [N, J, T]."""
     best = best_box_iou(scoremaps, gt_boxes, cam_curve_interval, multi_contour, num_threads)
@@ -125,7 +125,7 @@ class BoxAccuracy:
     `num_threads`: numba threads over the maps of a batch (None: all cores; 1 when ranks share a node).
     """
 
-    def __init__(self, cam_curve_interval: float = 0.01, iou_thresholds: Sequence[int] = (30, 50, 70),
+    def __init__(self, cam_curve_interval: float = 0.001, iou_thresholds: Sequence[int] = (30, 50, 70),
                  multi_contour: bool = True, num_threads: int | None = None):
         self.cam_curve_interval = float(cam_curve_interval)
         self.thresholds = cam_thresholds(self.cam_curve_interval)

@@ -76,7 +76,7 @@ class PixelAP:
     shards (`merge`, or an all-reduce of `state_dict()`) gives exactly the one-pass result.
     """
 
-    def __init__(self, cam_curve_interval: float = 0.01):
+    def __init__(self, cam_curve_interval: float = 0.001):
         self.cam_curve_interval = float(cam_curve_interval)
         self.thresholds = cam_thresholds(self.cam_curve_interval)
         # Bins [t_0, t_1), ..., [t_{T-1}, 1), [1, 2), [2, 3]: a score of exactly 1.0 is the "≥ 1" point.

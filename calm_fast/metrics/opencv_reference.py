@@ -33,7 +33,7 @@ def iou_matrix(boxes_a: np.ndarray, boxes_b: np.ndarray) -> np.ndarray:
 
 
 def reference_best_box_iou(scoremaps: Sequence | np.ndarray, gt_boxes: Sequence[np.ndarray],
-                           cam_curve_interval: float = 0.01, multi_contour: bool = True,
+                           cam_curve_interval: float = 0.001, multi_contour: bool = True,
                            distinct_levels_only: bool = False) -> np.ndarray:
     """best[i, k]: max IoU over the boxes of map i at τ_k and its GT boxes. float64 [N, T].
 
@@ -60,7 +60,7 @@ def reference_best_box_iou(scoremaps: Sequence | np.ndarray, gt_boxes: Sequence[
 
 
 def reference_box_correctness(scoremaps: Sequence | np.ndarray, gt_boxes: Sequence[np.ndarray],
-                              cam_curve_interval: float = 0.01, iou_thresholds: Sequence[int] = (30, 50, 70),
+                              cam_curve_interval: float = 0.001, iou_thresholds: Sequence[int] = (30, 50, 70),
                               multi_contour: bool = True, distinct_levels_only: bool = False) -> np.ndarray:
     """correct[i, j, k] = best IoU of map i at τ_k >= iou_thresholds[j] / 100. bool [N, J, T]."""
     best = reference_best_box_iou(scoremaps, gt_boxes, cam_curve_interval, multi_contour, distinct_levels_only)
@@ -68,7 +68,7 @@ def reference_box_correctness(scoremaps: Sequence | np.ndarray, gt_boxes: Sequen
 
 
 def reference_pxap(scoremaps: Sequence | np.ndarray, gt_masks: Sequence[np.ndarray],
-                   cam_curve_interval: float = 0.01) -> dict:
+                   cam_curve_interval: float = 0.001) -> dict:
     """PxAP over a whole set, literally: per-image `np.histogram` of positive and negative scores, pooled."""
     maps = check_scoremaps(scoremaps)
     edges = np.append(cam_thresholds(cam_curve_interval), [1.0, 2.0, 3.0])

@@ -11,15 +11,18 @@ backbone      True       False      out_channels
 ============  =========  =========  ============
 resnet50      28×28      14×14      2048
 vgg16         28×28      14×14      1024
-inception_v3  28×28      15×15      1024
+inception_v3  28×28      14×14      1024
 ============  =========  =========  ============
 
-Inception gives 15, not 14, without the large map: its extra max-pool (3×3, stride 2, pad 1, ceil_mode)
-maps 28 to ceil((28 + 2 − 3) / 2) + 1 = 15.
+Inception's extra max-pool (small map only) is 3×3, stride 2, no padding, ceil_mode, as in the reference
+and wsolevaluation: it maps 28 to ceil((28 − 3) / 2) + 1 = 14.
 
 Initialisation: trunk layers start from Kaiming-normal (fan-out, as torchvision does) with zero bias and
-BatchNorm at (1, 0); layers that no ImageNet checkpoint covers (VGG ``conv6``, Inception ``extra_convs``)
-are Xavier-uniform with zero bias, like the heads.
+BatchNorm at (1, 0). The layers that no ImageNet checkpoint covers (VGG ``conv6``, Inception
+``extra_convs``) are Kaiming-normal too (He, fan-out, zero bias: CALM.md §2, the reference's VGG rule);
+the 1×1 heads of :mod:`calm_fast.models.wsol` are Xavier-uniform. (The reference's InceptionV3, which
+cannot be built as published, and wsolevaluation's initialise their extra convs Xavier-uniform; calm-fast
+follows CALM.md and uses He for both new-layer kinds.)
 """
 
 from __future__ import annotations
@@ -74,13 +77,15 @@ def _init_layers(module: nn.Module, init_conv_weight) -> None:
             nn.init.zeros_(layer.bias)
 
 
-def _init_trunk(module: nn.Module) -> None:
-    """Kaiming-normal (fan-out) convs: the trunk before pretrained weights, if any, replace it."""
+def init_he(module: nn.Module) -> None:
+    """He init: Kaiming-normal (fan-out, ReLU gain) convs with zero bias, BatchNorm at (1, 0). The trunk gets
+    it before pretrained weights, if any, replace it; the new layers (VGG conv6, Inception's extra convs)
+    keep it (CALM.md §2)."""
     _init_layers(module, lambda weight: nn.init.kaiming_normal_(weight, mode="fan_out", nonlinearity="relu"))
 
 
-def init_new_layer(module: nn.Module) -> None:
-    """Xavier-uniform weights and zero bias for every conv in ``module``; BatchNorm at (1, 0)."""
+def init_xavier(module: nn.Module) -> None:
+    """Xavier-uniform weights and zero bias for every conv in ``module`` (the 1×1 heads); BatchNorm at (1, 0)."""
     _init_layers(module, nn.init.xavier_uniform_)
 
 
@@ -132,7 +137,7 @@ class WSOLResNet50(Backbone):
         self.layer2 = _residual_stage(Bottleneck, 256, 128, blocks=4, stride=2)
         self.layer3 = _residual_stage(Bottleneck, 512, 256, blocks=6, stride=1 if large_feature_map else 2)
         self.layer4 = _residual_stage(Bottleneck, 1024, 512, blocks=3, stride=1)
-        _init_trunk(self)
+        init_he(self)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(images))))
@@ -188,8 +193,7 @@ class WSOLVGG16(Backbone):
             in_channels = int(entry)
         self.features = nn.Sequential(*layers)
         self.conv6 = _conv_block(512, 1024, batch_norm)
-        _init_trunk(self.features)
-        init_new_layer(self.conv6)
+        init_he(self)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.conv6(self.features(images))
@@ -222,25 +226,32 @@ class GridKeepingInceptionB(nn.Module):
         return torch.cat([self.branch3x3(x), double, self.branch_pool(x)], dim=1)
 
 
-def _ceil_pool() -> nn.MaxPool2d:
-    return nn.MaxPool2d(kernel_size=3, stride=2, padding=1, ceil_mode=True)
+def _ceil_pool(padding: int = 1) -> nn.MaxPool2d:
+    return nn.MaxPool2d(kernel_size=3, stride=2, padding=padding, ceil_mode=True)
 
 
 class WSOLInceptionV3(Backbone):
     """InceptionV3 up to ``Mixed_6e``, the WSOL variant, plus two 3×3 convs 768→1024→1024 (+BN) + ReLU.
 
     Changes from torchvision's Inception3: ``Conv2d_1a`` pad 1 (``Conv2d_2b`` keeps its pad 1), max-pools
-    3×3/2 pad 1 with ceil_mode, ``Mixed_6a`` at stride 1 pad 1, and one more such max-pool after
-    ``Mixed_5d`` unless ``large_feature_map``. Map sides at 224: 112 → 110 → 110 → pool 56 → 56 → 54 →
-    pool 28 → [pool 15] → kept by Mixed_6a-e and the extra convs. No ``transform_input``: inputs use the
-    ImageNet mean/std like every backbone here (as the reference does).
+    3×3/2 pad 1 with ceil_mode, ``Mixed_6a`` at stride 1 pad 1, and one more max-pool after ``Mixed_5d``
+    unless ``large_feature_map``: 3×3/2 with ceil_mode and **no** padding, as in the reference and
+    wsolevaluation. Map sides at 224: 112 → 110 → 110 → pool 56 → 56 → 54 → pool 28 → [pool 14] → kept
+    by Mixed_6a-e and the extra convs. No ``transform_input``: inputs use the ImageNet mean/std like every
+    backbone here (as the reference does).
+
+    ``dropout`` (default 0.5, wsolevaluation's InceptionV3 baseline): during training, dropout on the
+    Mixed_6e output, between the two extra convs and on the features the heads read; 0 disables it (the
+    CALM reference's InceptionV3 has none).
     """
 
     out_channels = 1024
     new_layers = ("extra_convs",)
 
-    def __init__(self, large_feature_map: bool = True, batch_norm: bool = False):
+    def __init__(self, large_feature_map: bool = True, batch_norm: bool = False, dropout: float = 0.5):
         super().__init__()
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout: must lie in [0, 1), got {dropout}")
         self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2, padding=1)
         self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
         self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
@@ -251,15 +262,16 @@ class WSOLInceptionV3(Backbone):
         self.Mixed_5b = InceptionA(192, pool_features=32)
         self.Mixed_5c = InceptionA(256, pool_features=64)
         self.Mixed_5d = InceptionA(288, pool_features=64)
-        self.pool3 = nn.Identity() if large_feature_map else _ceil_pool()
+        self.pool3 = nn.Identity() if large_feature_map else _ceil_pool(padding=0)
         self.Mixed_6a = GridKeepingInceptionB(288)
         self.Mixed_6b = InceptionC(768, channels_7x7=128)
         self.Mixed_6c = InceptionC(768, channels_7x7=160)
         self.Mixed_6d = InceptionC(768, channels_7x7=160)
         self.Mixed_6e = InceptionC(768, channels_7x7=192)
+        # Dropout modules hold no parameters: the state dict keys stay extra_convs.{0,1}.* whatever the rate.
         self.extra_convs = nn.Sequential(_conv_block(768, 1024, batch_norm), _conv_block(1024, 1024, batch_norm))
-        _init_trunk(self)
-        init_new_layer(self.extra_convs)
+        self.dropout = nn.Dropout(dropout)
+        init_he(self)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(images)))
@@ -267,7 +279,9 @@ class WSOLInceptionV3(Backbone):
         x = self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(self.pool2(x))))
         x = self.Mixed_6a(self.pool3(x))
         x = self.Mixed_6e(self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(x))))
-        return self.extra_convs(x)
+        for block in self.extra_convs:
+            x = block(self.dropout(x))
+        return self.dropout(x)
 
     def base_lr_modules(self) -> list[nn.Module]:
         return [
@@ -304,7 +318,7 @@ class TinyResNet(Backbone):
         self.layer1 = _residual_stage(BasicBlock, 32, 64, blocks=1, stride=2)
         self.layer2 = _residual_stage(BasicBlock, 64, 128, blocks=1, stride=2)
         self.layer3 = _residual_stage(BasicBlock, 128, 128, blocks=1, stride=1 if large_feature_map else 2)
-        _init_trunk(self)
+        init_he(self)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.layer3(self.layer2(self.layer1(self.stem(images))))
@@ -337,7 +351,7 @@ class TinyVGG(Backbone):
                 layers.extend(_conv_block(in_channels, int(entry), batch_norm))
                 in_channels = int(entry)
         self.features = nn.Sequential(*layers)
-        _init_trunk(self)
+        init_he(self)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.features(images)

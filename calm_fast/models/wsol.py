@@ -12,7 +12,7 @@ from calm_fast.models.backbones import (
     Backbone,
     build_backbone,
     checkpoint_arch,
-    init_new_layer,
+    init_xavier,
     load_pretrained,
     torchvision_checkpoint,
 )
@@ -43,9 +43,9 @@ class WSOLModel(nn.Module):
         self.backbone = backbone
         self.class_head = nn.Conv2d(backbone.out_channels, num_classes, kernel_size=1)
         self.location_head = None if method == "cam" else nn.Conv2d(backbone.out_channels, 1, kernel_size=1)
-        init_new_layer(self.class_head)
+        init_xavier(self.class_head)
         if self.location_head is not None:
-            init_new_layer(self.location_head)
+            init_xavier(self.location_head)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """images [B,3,h,w] -> (class_logits [B,K,H,W], location_scores [B,1,H,W] or None for "cam")."""
@@ -82,7 +82,7 @@ def build_model(
 
     backbone: one of ``backbones.BACKBONES`` ("resnet50", "vgg16", "inception_v3", "tiny_resnet", "tiny_vgg").
     method: "cam", "calm-em" or "calm-ml" (the two CALM methods share one architecture).
-    large_feature_map: 28×28 maps at 224 for the paper backbones (else 14×14; 15×15 for Inception).
+    large_feature_map: 28×28 maps at 224 for the paper backbones (else 14×14).
     pretrained: a local torchvision-format ImageNet checkpoint, or "torchvision" for torchvision's own
         weights (cached by torch hub, downloaded once where the network allows); None trains from scratch.
     batch_norm: VGG16-BN and BatchNorm in the new convs (see ``build_backbone``).

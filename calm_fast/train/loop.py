@@ -223,6 +223,21 @@ def _check_run_dir(cfg: Config, world: World, resume: bool) -> Path | None:
     return existing
 
 
+def synchronise_batchnorm(model: torch.nn.Module, cfg: Config, world_size: int, device_type: str) -> torch.nn.Module:
+    """`model` with every BatchNorm replaced by SyncBatchNorm when `model.sync_batchnorm` is set and the
+    global batch is split over ranks (world_size > 1): the batch statistics then cover the whole global
+    batch, as on the reference's single GPU (CALM.md §3). With one rank, or model.sync_batchnorm = false
+    (per-rank statistics over global batch / world size images: less communication, other numbers), the
+    model is returned as it is. Gradient accumulation is not covered: each micro-batch is normalised alone.
+    """
+    if not cfg.model.sync_batchnorm or world_size == 1:
+        return model
+    if device_type != "cuda":
+        raise ConfigError(f"model.sync_batchnorm=true with {world_size} ranks needs CUDA ranks (PyTorch's "
+                          "SyncBatchNorm has no CPU path); set model.sync_batchnorm=false for per-rank BatchNorm")
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
 def _build_engine(cfg: Config, world: World, num_classes: int, steps_per_epoch: int, total_steps: int):
     """Model, SGD with the two LR groups, LR schedule, all wrapped in a DeepSpeed engine."""
     import deepspeed  # heavy: imported when training starts
@@ -230,10 +245,7 @@ def _build_engine(cfg: Config, world: World, num_classes: int, steps_per_epoch: 
     model = build_model(cfg.model.backbone, num_classes, cfg.model.method,
                         large_feature_map=cfg.model.large_feature_map, pretrained=cfg.model.pretrained,
                         batch_norm=cfg.model.batch_norm)
-    if cfg.model.sync_batchnorm and world.world_size > 1:
-        if world.device.type != "cuda":
-            raise ConfigError("model.sync_batchnorm needs CUDA ranks (PyTorch's SyncBatchNorm has no CPU path)")
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = synchronise_batchnorm(model, cfg, world.world_size, world.device.type)
     # DeepSpeed casts parameters to bf16/fp16 but not buffers; BatchNorm needs both in one dtype.
     model.to(world.device, dtype=Precision(cfg.train.precision).dtype)
     optimizer = build_optimizer(model, cfg)

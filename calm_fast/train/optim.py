@@ -1,7 +1,7 @@
 """The optimiser side of training: the SGD optimiser with its two learning-rate groups (CALM.md §3), the
-LR schedule (step decay per epoch, the reference, or cosine; both with linear warm-up) and the DeepSpeed
-config built from the TOML's batch geometry, precision, ZeRO stage and clipping over an optional
-DeepSpeed JSON that holds the rest.
+LR schedule (step decay per epoch, at the plain or at the reference's timing, or cosine; all with linear
+warm-up) and the DeepSpeed config built from the TOML's batch geometry, precision, ZeRO stage and clipping
+over an optional DeepSpeed JSON that holds the rest.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from calm_fast.config import Config, ConfigError
+from calm_fast.modes import Schedule
 
 
 def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
@@ -70,15 +71,18 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
 def lr_factor(step: int, cfg: Config, steps_per_epoch: int, total_steps: int) -> float:
     """Multiplier of the initial LRs for optimizer step `step` (0-based).
 
-    step: ×lr_decay_factor every lr_decay_frequency epochs (the reference). cosine: from 1 down to
-    min_lr_ratio over the steps after warm-up. Both: linear warm-up (step+1)/warmup_steps first.
+    step: ×lr_decay_factor after every lr_decay_frequency full epochs. step_reference: the same, one epoch
+    earlier, as the reference decays (at the start of epoch k·f counted from 1; `Schedule`). cosine: from 1
+    down to min_lr_ratio over the steps after warm-up. All: linear warm-up (step+1)/warmup_steps first.
     """
     optim = cfg.optim
     if step < optim.warmup_steps:
         return (step + 1) / optim.warmup_steps
-    if optim.schedule == "step":
+    if optim.schedule in (Schedule.STEP, Schedule.STEP_REFERENCE):
         epoch = step // steps_per_epoch
-        return optim.lr_decay_factor ** (epoch // optim.lr_decay_frequency)
+        # The reference calls its decay with the 1-based number of the epoch about to start.
+        decay_clock = epoch + 1 if optim.schedule == Schedule.STEP_REFERENCE else epoch
+        return optim.lr_decay_factor ** (decay_clock // optim.lr_decay_frequency)
     span = max(1, total_steps - optim.warmup_steps)
     progress = min(1.0, (step - optim.warmup_steps) / span)
     return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
