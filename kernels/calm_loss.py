@@ -385,7 +385,7 @@ def _plan(scores_meta, location_meta, labels_meta, num_classes, prior, objective
         default_k = _pow2_between(num_classes, 16, 128)
         default_n = _pow2_between(cells, 16, 2048 // default_k)
     else:
-        default_n = _pow2_between(cells, 16, 128)
+        default_n = _pow2_between(cells, 16, 64)
         default_k = _pow2_between(num_classes, 16, 2048 // default_n)
     block_n, block_k = block_n or default_n, block_k or default_k
     for name, value in (("block_n", block_n), ("block_k", block_k)):
