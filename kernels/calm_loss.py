@@ -379,14 +379,16 @@ def _plan(scores_meta, location_meta, labels_meta, num_classes, prior, objective
     element_size = dtype.itemsize
     classes_contiguous, align = _layout_and_alignment((batch, channels, cells), views, element_size)
     compute = torch.float64 if torch.float64 in (d for _, d in dtypes) else torch.float32
-    # A tile of about 2048 values, 16 a thread with 4 warps, the contiguous axis as long as the data allows
-    # (chosen without a GPU at hand; `calm-fast bench head --configs` times others)
+    # A tile of about 2048 values, 16 a thread with 4 warps, the contiguous axis as long as the data allows;
+    # 512 without vector accesses, where every value needs its own address registers (chosen without a GPU
+    # at hand; `calm-fast bench head --configs` times others)
+    tile = 2048 if align > 1 else 512
     if classes_contiguous:
-        default_k = _pow2_between(num_classes, 16, 128)
-        default_n = _pow2_between(cells, 16, 2048 // default_k)
+        default_k = _pow2_between(num_classes, 16, min(128, tile // 16))
+        default_n = _pow2_between(cells, 16, tile // default_k)
     else:
         default_n = _pow2_between(cells, 16, 64)
-        default_k = _pow2_between(num_classes, 16, 2048 // default_n)
+        default_k = _pow2_between(num_classes, 16, tile // default_n)
     block_n, block_k = block_n or default_n, block_k or default_k
     for name, value in (("block_n", block_n), ("block_k", block_k)):
         if value < 16 or value & (value - 1):

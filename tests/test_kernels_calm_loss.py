@@ -376,11 +376,11 @@ def test_kernels_compile_for_sm90_with_vector_accesses_in_both_layouts():
     results = compile_for_sm90(SM90_VARIANTS + [(203, "channels_last", "bfloat16", "relu", "em")])
     assert len(results) == 2 * (len(SM90_VARIANTS) + 1)
     for name, report in results.items():
-        assert report["registers"] <= REGISTER_BUDGET, (name, report)
-        if "K=203" in name:  # (its scalar addressing costs a 4-byte spill in the forward kernel)
-            assert report["align"] == 1 and report["scalar_16bit_loads"] > 4, (name, report)
-            continue
         assert report["spill_bytes"] == 0, (name, report)
+        assert report["registers"] <= REGISTER_BUDGET, (name, report)
+        if "K=203" in name:  # 4 values of the tile per thread, each a scalar load
+            assert report["align"] == 1 and report["scalar_16bit_loads"] >= 4, (name, report)
+            continue
         assert report["align"] == 16 // (4 if "float32" in name else 2), (name, report)
         assert report["vector_loads"] >= 1, (name, report)
         if "backward" in name:
