@@ -389,3 +389,27 @@ def test_kernels_compile_for_sm90_with_vector_accesses_in_both_layouts():
             assert report["vector_loads_through_l1"] >= 1, (name, report)
         elif "float32" not in name:
             assert report["scalar_16bit_loads"] <= 1, (name, report)
+
+
+@pytest.mark.parametrize("objective", ("em", "ml"))
+def test_head_dispatches_to_the_fused_op(objective):
+    """calm_fast.head with backend "triton" (the default on CUDA): calm_loss and merged_loss run the fused op
+    (one autograd node) and agree with the torch backend."""
+    merged, _, labels = make_inputs(2, 13, 3, 5, "merged", torch.float32, seed=11)
+    separate = (merged[:, :13].contiguous(), merged[:, 13:14].contiguous())
+
+    def merged_loss(inputs, backend):
+        return head.merged_loss(inputs[0], labels, 13, objective, backend=backend)
+
+    def calm_loss_of_two(inputs, backend):
+        return head.calm_loss(inputs[0], inputs[1], labels, objective, backend=backend)
+
+    for loss_fn, inputs in ((merged_loss, (merged,)), (calm_loss_of_two, separate)):
+        results = {}
+        for backend in ("triton", "torch"):
+            leaves = [t.clone().requires_grad_() for t in inputs]
+            loss = loss_fn(leaves, backend)
+            results[backend] = (loss, *torch.autograd.grad(loss, leaves))
+        assert results["triton"][0].grad_fn.name() == "GeneratedBackwardFor_calm_fast_calm_loss_defaultBackward"
+        for got, want in zip(results["triton"], results["torch"]):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
