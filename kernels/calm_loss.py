@@ -23,39 +23,34 @@ gradient of the mean loss (read from device memory by the backward kernel) and w
                 = (g / B) p(z) - w_z                       softmax prior
 
 Kernels. Forward: one program per (image, block of cells) streams its [K, BLOCK_N] tile of S once
-(online logsumexp: one exponential per logit) and writes lse_z and S[t, z] - lse_z for its cells. The
-last program of each image to finish (an atomic counter per image) reads its image's N values and the
-location scores, in a fixed order, and writes log q_z over S[t, z] - lse_z, log Σ x and the image's
-loss; the last image to finish (a second counter) sums the B image losses in a fixed order. Counters are
-zeroed by one memset per call. Results are bitwise identical from call to call: every sum runs in an
-order fixed by the shape, whichever program happens to finish last. Backward: one program per (image,
-block of cells) reads its tile of S once, recomputes P from the saved lse_z (one exponential per logit)
-and writes dS; on merged input it also writes da into the location channel and zeros into the padding,
-so the merged tensor gets one gradient.
+(online logsumexp: one exponential per logit) and writes lse_z and S[t, z] - lse_z for its cells. The last
+program of an image to finish (atomic counter per image) reads the image's N values and location scores
+and writes log q_z, the prior's log normaliser and the image's loss; the last image to finish (a second
+counter) averages the B losses. Every sum runs in an order fixed by the shape, whichever program finishes
+last: results are bitwise identical from call to call. The counters are zeroed by one memset per call.
+Backward: one program per (image, block of cells) reads its tile once, recomputes P from the saved lse_z
+(one exponential per logit) and writes dS; on merged maps also da (location channel) and zeros (padding).
 
-Memory traffic (e = element size of S, all saved values fp32): forward reads B·K·N·e (S) and writes
-8·B·N + 8·B bytes (lse_z, log q_z, two values per image); the finishing programs read back 2·B·N values and
-the location scores. Backward reads B·K·N·e + 12·B·N (S, lse_z, log q_z, a) and writes B·K·N·e (dS) +
-B·N·e (da). Against the minimum 3·B·K·N·e this is within 1 + 6/(K·e) (+1.5 % at K = 200 in bf16); the
-merged layout also reads and writes the location and padding channels (C/K of it, +4 % at K = 200).
-What it saves: the plain-PyTorch loss (calm_fast.head) materialises about ten fp32 [B, K, N] tensors
-(fp32 copy of S, log-softmax, joint, their gradients), some 45 bytes per logit against 6 here in bf16;
-the previous fused head (calm_head.py) wrote per-block partials of all K marginals (+12 % at K = 1000),
-took two class passes per direction, five exponentials per logit, three launches forward and some twenty
-more for the loss glue around it. Saved for backward: S itself and 2·B·N + 2·B values.
+Memory traffic (e = element size of S; saved values fp32): forward reads B·K·N·e and writes 8·B·N (lse_z,
+log q_z), the finishing programs re-read those and a; backward reads B·K·N·e + 12·B·N, writes B·K·N·e +
+B·N·e. That is the minimum 3·B·K·N·e plus 1 + 6/(K·e) (+1.5 % at K = 200, bf16); merged maps add their
+location and padding channels (C/K, +4 % at K = 200). What it saves: the plain-PyTorch loss materialises
+about ten fp32 [B, K, N] tensors (~45 bytes per logit against 6 here in bf16); the older fused head
+(calm_head.py) wrote partials of all K marginals (+12 % at K = 1000), made two class passes per direction
+with five exponentials per logit, and needed some twenty launches of loss glue around its three kernels.
+Saved for backward: S itself and 2·B·N + 2·B values.
 
-Layouts: S may have any strides with the cells of a map flattenable (stride_h = W·stride_w, true of
-contiguous and channels-last maps and their channel slices). Two layouts are specialised: classes
-contiguous (channels-last, stride 1 over K) and cells contiguous (NCHW). The launcher divides the sizes and
-strides of the index math by ALIGN, the largest power of two up to 16 bytes of elements that divides them,
-and the kernel multiplies them back by the constexpr ALIGN, so Triton can prove 16-byte alignment and
-emits vector loads and stores, whatever K (200 or 1000) or N (784, 196) is. Checks and block sizes are
-worked out once per shape (`_plan`, cached).
+Layouts: any strides whose H·W cells flatten (stride_h = W·stride_w: contiguous and channels-last maps and
+their channel slices). Classes-contiguous (channels-last) and cells-contiguous (NCHW) are specialised: the
+launcher divides the sizes and strides of the index math by ALIGN, the largest power of two up to 16
+bytes of elements dividing them, and the kernel multiplies them back by the constexpr ALIGN, so Triton
+proves 16-byte alignment and emits vector accesses whatever K (200, 1000) or N (784, 196) is. Checks and
+blocks are worked out once per shape (`_plan`, cached).
 
-torch.library: `calm_fast::calm_loss` (forward, returns the loss and the saved values) and
+torch.library: `calm_fast::calm_loss` (forward: the loss and the saved values) and
 `calm_fast::calm_loss_backward` are triton_ops with fake implementations and an autograd formula (one
-autograd node; gradients are not materialised for the saved values), so torch.compile(fullgraph=True)
-keeps the op in its graph and CUDA graphs can capture it (no host synchronisation anywhere).
+node; no gradient materialised for the saved values): torch.compile(fullgraph=True) keeps the op, CUDA
+graphs capture it (no host synchronisation anywhere).
 
 Arithmetic is fp32 after loading (fp64 for fp64 inputs, for gradcheck). An out-of-range label gives a NaN
 loss (checking it on the host would need a device synchronisation). This file imports nothing from
@@ -270,11 +265,11 @@ def _calm_loss_backward_kernel(
 
 @dataclass(frozen=True)
 class Plan:
+    """How one shape is launched: sizes, layout, ALIGN, blocks and the kernels' size and stride arguments."""
+
     batch: int
-    classes: int
     channels: int
     cells: int
-    merged: bool
     compute: torch.dtype
     classes_contiguous: bool
     align: int
@@ -399,7 +394,7 @@ def _plan(scores_meta, location_meta, labels_meta, num_classes, prior, objective
             return channels // align, cells, stride_b // align, stride_k, stride_n // align
         return channels, cells // align, stride_b // align, stride_k // align, stride_n
 
-    return Plan(batch=batch, classes=num_classes, channels=channels, cells=cells, merged=merged, compute=compute,
+    return Plan(batch=batch, channels=channels, cells=cells, compute=compute,
                 classes_contiguous=classes_contiguous, align=align, block_k=block_k, block_n=block_n,
                 num_warps=num_warps or 4, block_cells=_pow2_between(cells, 16, 1024),
                 block_batch=_pow2_between(batch, 16, 1024), scores_args=scaled(*views[0]),
