@@ -69,10 +69,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .calm_head import _lse_finish, _lse_update, _prior_logits
+from .calm_head import PRIORS, SUPPORTED_DTYPES, _lse_finish, _lse_update, _prior_logits
 
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-PRIORS = ("relu", "softmax")
 OBJECTIVES = ("em", "ml")
 VECTOR_BYTES = 16  # the widest global load or store of one thread
 

@@ -16,6 +16,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from calm_fast import head
+from calm_fast.modes import Prior
 from calm_fast.kernels.calm_loss import calm_loss
 
 LAYOUTS = ("contiguous", "channels_last", "strided", "merged")
@@ -73,7 +74,7 @@ CASES = [  # (batch, classes, height, width, layout, dtype, blocks)
 ]
 
 
-@pytest.mark.parametrize("prior", head.PRIORS)
+@pytest.mark.parametrize("prior", tuple(Prior))
 @pytest.mark.parametrize("objective", ("em", "ml"))
 @pytest.mark.parametrize("batch,classes,height,width,layout,dtype,blocks", CASES)
 def test_loss_and_gradients_match_oracle(batch, classes, height, width, layout, dtype, blocks, objective, prior):
@@ -108,7 +109,7 @@ def test_all_zero_relu_prior_and_zero_prior_cells():
         assert torch.equal(got[1][1, :, :2], extra_only[1, :, :2])  # the CALM loss adds exactly nothing there
 
 
-@pytest.mark.parametrize("prior", head.PRIORS)
+@pytest.mark.parametrize("prior", tuple(Prior))
 def test_extreme_logits_stay_finite_and_accurate(prior):
     """Logits and location scores of ±1e4: finite, and the oracle's values to fp32 precision."""
     scores, location, labels = make_inputs(2, 11, 3, 6, "contiguous", torch.float32, seed=4, scale=1e4)

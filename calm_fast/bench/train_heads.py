@@ -26,6 +26,7 @@ import time
 import torch
 
 from calm_fast import head
+from calm_fast.modes import Prior
 
 VARIANTS = ("cam", "calm-em fused", "calm-em eager", "calm-em compiled")
 GPU_PRESETS = ("resnet50:224:64", "tiny_resnet:224:256")
@@ -40,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{' '.join(CPU_PRESETS)} on CPU)")
     parser.add_argument("--classes", type=int, default=200, help="heads: number of classes (CUB: 200)")
     parser.add_argument("--precision", choices=tuple(PRECISIONS), default="bf16", help="heads: weights and inputs")
-    parser.add_argument("--prior", choices=head.PRIORS, default="relu", help="heads: CALM prior")
+    parser.add_argument("--prior", choices=tuple(Prior), default=Prior.RELU, help="heads: CALM prior")
     parser.add_argument("--heads-device", choices=("auto", "cuda", "cpu"), default="auto",
                         help="heads: where to run (auto: cuda when available)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -151,7 +152,7 @@ def main(args: argparse.Namespace) -> int:
     if device.type == "cpu":
         print("  on CPU the fused head is not timed (the Triton interpreter would run it on numpy)")
     if args.out:
-        from calm_fast.report import write_json
+        from calm_fast.atomic import write_json
 
         write_json(args.out, {"part": "train heads", "device": device_name, "precision": args.precision,
                               "classes": args.classes, "prior": args.prior, "steps": args.steps,
