@@ -41,6 +41,7 @@ import torch
 
 from calm_fast import head
 from calm_fast.atomic import write_json
+from calm_fast.bench.head_checks import merge_maps, run_checks
 from calm_fast.modes import Prior
 
 PAPER_SHAPES = ("64x200x28x28", "64x1000x28x28", "256x200x28x28", "256x1000x28x28")
@@ -224,8 +225,6 @@ def _grad_step(loss_fn, inputs, mark_step: bool = False):
 
 def _steps(shape: Shape, layout: str, args, device: torch.device) -> tuple[dict, torch.Tensor]:
     """{path: a fwd+bwd step} for one shape and layout, and S (for its size)."""
-    from calm_fast.bench.head_checks import merge_maps
-
     dtype = DTYPES[args.dtype]
     g = torch.Generator(device=device).manual_seed(0)
     s = torch.randn(shape.batch, shape.classes, shape.height, shape.width, generator=g, device=device, dtype=dtype)
@@ -242,7 +241,7 @@ def _steps(shape: Shape, layout: str, args, device: torch.device) -> tuple[dict,
     def merged_loss(maps, blocks=None):
         if blocks is None:
             return head.merged_loss(maps, labels, shape.classes, args.objective, args.prior, backend="triton")
-        from calm_fast.kernels.calm_loss import calm_loss
+        from calm_fast.kernels.calm_loss import calm_loss  # lazy: Triton picks CPU/GPU at import
 
         return calm_loss(maps, labels, shape.classes, args.prior, args.objective, **blocks)
 
@@ -346,8 +345,6 @@ def main(args: argparse.Namespace) -> int:
           f"peak {peak_gbs or '?'} GB/s, {repeats} repeats of {rep} steps")
     if device.type == "cpu":
         print("  smoke mode: the interpreter runs the kernels on numpy; times say nothing about GPU speed")
-
-    from calm_fast.bench.head_checks import run_checks
 
     checks = [] if args.skip_checks else run_checks(device)
     # the L2 is flushed before each timed step, so every path reads its inputs from DRAM

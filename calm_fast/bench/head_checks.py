@@ -84,7 +84,7 @@ def case_inputs(case: CheckCase, device: torch.device):
 def _outputs(s, a, labels, upstream, prior, fused: bool) -> dict:
     """The all-class marginal and the target's log posterior with their gradients under `upstream`
     (evaluation path), and the EM loss with its gradients on separate and on merged maps (training path)."""
-    from calm_fast.kernels.calm_head import calm_head
+    from calm_fast.kernels.calm_head import calm_head  # lazy: Triton picks CPU/GPU at import
 
     backend = "triton" if fused else "torch"
     s, a = s.detach().requires_grad_(), a.detach().requires_grad_()

@@ -11,7 +11,8 @@ on random images, timed for these heads:
     calm-em compiled   CALM-EM, the oracle loss under torch.compile (with --compile; default on GPU)
 
 images/s is batch · steps / time over `--steps` steps after warm-up, repeated `--repeats` times (median,
-min-max); "vs cam" is a variant's median over CAM's. Peak memory (GPU) is the most the step allocated.
+min-max), the variants taking turns within each repeat; "vs cam" is the median over repeats of a variant's
+images/s over CAM's in the same repeat. Peak memory (GPU) is the most the step allocated.
 Defaults: on GPU ResNet50 at 224 px (28×28 maps, batch 64) and tiny_resnet at 224 px (28×28, batch 256);
 on CPU tiny_resnet at 112 px (14×14, batch 32), a small preset whose numbers depend on what else runs.
 """
@@ -26,6 +27,7 @@ import time
 import torch
 
 from calm_fast import head
+from calm_fast.atomic import write_json
 from calm_fast.modes import Prior
 
 VARIANTS = ("cam", "calm-em fused", "calm-em eager", "calm-em compiled")
@@ -49,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _parse_preset(text: str) -> tuple[str, int, int]:
-    from calm_fast.models.backbones import BACKBONES
+    from calm_fast.models.backbones import BACKBONES  # lazy, like build_model: torchvision only when run
 
     try:
         backbone, pixels, batch = text.split(":")
@@ -80,8 +82,9 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _time_variant(variant, backbone, pixels, batch, args, device) -> dict:
-    from calm_fast.models import build_model
+def _build_step(variant, backbone, pixels, batch, args, device):
+    """(one training step of the variant, the side of its maps)."""
+    from calm_fast.models import build_model  # lazy: every `calm-fast` command imports the bench parts
 
     torch.manual_seed(0)
     dtype = PRECISIONS[args.precision]
@@ -90,26 +93,42 @@ def _time_variant(variant, backbone, pixels, batch, args, device) -> dict:
     images = torch.randn(batch, 3, pixels, pixels, device=device, dtype=dtype).contiguous(
         memory_format=torch.channels_last)
     labels = torch.randint(0, args.classes, (batch,), device=device)
-    step = functools.partial(_train_step, model, optimizer, _loss_fn(variant, args.classes, args.prior), images,
-                             labels)
-    for _ in range(3):  # warm-up: kernels, cuDNN or oneDNN choices, compilation
-        step()
-    _synchronize(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    rates = []
-    for _ in range(args.repeats):
-        begin = time.perf_counter()
-        for _ in range(args.steps):
-            step()
-        _synchronize(device)
-        rates.append(batch * args.steps / (time.perf_counter() - begin))
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
     with torch.no_grad():
         side = model(images[:1], merged=True).shape[-1]
-    return {"backbone": backbone, "pixels": pixels, "map": side, "batch": batch, "variant": variant,
-            "images_per_s": {"median": statistics.median(rates), "min": min(rates), "max": max(rates)},
-            "runs": rates, "peak_memory_bytes": peak}
+    return functools.partial(_train_step, model, optimizer, _loss_fn(variant, args.classes, args.prior), images,
+                             labels), side
+
+
+def _time_preset(variants, backbone, pixels, batch, args, device) -> list[dict]:
+    """The variants' steps timed in turn within each repeat, so a change in the machine's load during the
+    run hits them all alike; "vs cam" is then also taken repeat by repeat."""
+    steps, sides = {}, {}
+    for variant in variants:
+        steps[variant], sides[variant] = _build_step(variant, backbone, pixels, batch, args, device)
+        for _ in range(3):  # warm-up: kernels, cuDNN or oneDNN choices, compilation
+            steps[variant]()
+    rates = {variant: [] for variant in variants}
+    peaks = dict.fromkeys(variants)
+    for _ in range(args.repeats):
+        for variant, step in steps.items():
+            _synchronize(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            begin = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            _synchronize(device)
+            rates[variant].append(batch * args.steps / (time.perf_counter() - begin))
+            if device.type == "cuda":
+                peaks[variant] = max(peaks[variant] or 0, torch.cuda.max_memory_allocated())
+    rows = []
+    for variant, runs in rates.items():
+        paired = [rate / cam for rate, cam in zip(runs, rates["cam"])]
+        rows.append({"backbone": backbone, "pixels": pixels, "map": sides[variant], "batch": batch,
+                     "variant": variant, "runs": runs, "peak_memory_bytes": peaks[variant],
+                     "images_per_s": {"median": statistics.median(runs), "min": min(runs), "max": max(runs)},
+                     "vs_cam": statistics.median(paired), "vs_cam_runs": paired})
+    return rows
 
 
 def main(args: argparse.Namespace) -> int:
@@ -129,13 +148,8 @@ def main(args: argparse.Namespace) -> int:
                                                                  else CPU_PRESETS)]
     variants = [v for v in VARIANTS if (v != "calm-em fused" or device.type == "cuda")
                 and (v != "calm-em compiled" or compile_oracle)]
-    rows = []
-    for backbone, pixels, batch in presets:
-        for variant in variants:
-            rows.append(_time_variant(variant, backbone, pixels, batch, args, device))
-    cam = {(r["backbone"], r["pixels"], r["batch"]): r["images_per_s"]["median"] for r in rows if r["variant"] == "cam"}
-    for row in rows:
-        row["vs_cam"] = row["images_per_s"]["median"] / cam[row["backbone"], row["pixels"], row["batch"]]
+    rows = [row for backbone, pixels, batch in presets
+            for row in _time_preset(variants, backbone, pixels, batch, args, device)]
 
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     table = Table(title=f"training step with each head on {device_name} ({args.precision}, {args.classes} classes, "
@@ -152,8 +166,6 @@ def main(args: argparse.Namespace) -> int:
     if device.type == "cpu":
         print("  on CPU the fused head is not timed (the Triton interpreter would run it on numpy)")
     if args.out:
-        from calm_fast.atomic import write_json
-
         write_json(args.out, {"part": "train heads", "device": device_name, "precision": args.precision,
                               "classes": args.classes, "prior": args.prior, "steps": args.steps,
                               "repeats": args.repeats, "torch_threads": torch.get_num_threads(), "results": rows})
