@@ -163,7 +163,7 @@ def _finish_image(a_image, stride_an, saved_ptr, counters_ptr, loss_ptr, b, B, N
 def _calm_loss_forward_kernel(
     s_ptr, a_ptr, labels_ptr, saved_ptr, counters_ptr, loss_ptr,
     B, NUM_CLASSES, channels_arg, cells_arg, NUM_BLOCKS,
-    stride_sb_arg, stride_sk_arg, stride_sn_arg, stride_ab, stride_an,
+    stride_sb_arg, stride_sk_arg, stride_sn_arg, a_offset, stride_ab, stride_an,
     IS_RELU: tl.constexpr, IS_EM: tl.constexpr, CLASSES_CONTIGUOUS: tl.constexpr, ALIGN: tl.constexpr,
     COMPUTE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_CELLS: tl.constexpr,
     BLOCK_BATCH: tl.constexpr,
@@ -200,7 +200,7 @@ def _calm_loss_forward_kernel(
     tl.debug_barrier()  # every thread's stores issued before the counter says this block is done
     blocks_done = tl.atomic_add(counters_ptr + b, 1, sem="acq_rel", scope="gpu")
     if blocks_done == NUM_BLOCKS - 1:
-        _finish_image(a_ptr + b.to(tl.int64) * stride_ab, stride_an, saved_ptr, counters_ptr, loss_ptr,
+        _finish_image(a_ptr + a_offset + b.to(tl.int64) * stride_ab, stride_an, saved_ptr, counters_ptr, loss_ptr,
                       b.to(tl.int64), B, N, IS_RELU, IS_EM, COMPUTE, BLOCK_CELLS, BLOCK_BATCH)
 
 
@@ -209,7 +209,7 @@ def _calm_loss_backward_kernel(
     s_ptr, a_ptr, labels_ptr, saved_ptr, grad_loss_ptr, grad_s_ptr, grad_a_ptr,
     B, NUM_CLASSES, channels_arg, cells_arg, NUM_BLOCKS,
     stride_sb_arg, stride_sk_arg, stride_sn_arg, stride_gb_arg, stride_gk_arg, stride_gn_arg,
-    stride_ab, stride_an, stride_dab, stride_dan,
+    a_offset, stride_ab, stride_an, stride_dab, stride_dan,
     IS_RELU: tl.constexpr, MERGED: tl.constexpr, CLASSES_CONTIGUOUS: tl.constexpr, ALIGN: tl.constexpr,
     COMPUTE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -230,7 +230,8 @@ def _calm_loss_backward_kernel(
     cells = b.to(tl.int64) * N + offs_n
     cell_lse = tl.load(saved_ptr + cells, mask=in_n, other=0.0)
     weight = scale * tl.exp(tl.load(saved_ptr + B * N + cells, mask=in_n, other=float("-inf")))  # (g/B) q_z
-    a = tl.load(a_ptr + b.to(tl.int64) * stride_ab + offs_n * stride_an, mask=in_n, other=0.0).to(COMPUTE)
+    a = tl.load(a_ptr + a_offset + b.to(tl.int64) * stride_ab + offs_n * stride_an, mask=in_n,
+                other=0.0).to(COMPUTE)
     if IS_RELU:
         on = a > 0
         grad_a = tl.where(on, -weight / tl.where(on, a, 1.0), 0.0)
@@ -276,12 +277,11 @@ class Plan:
     num_warps: int
     block_cells: int
     block_batch: int
+    num_blocks: int  # programs per image
     scores_args: tuple[int, ...]  # (C, N, stride_b, stride_k, stride_n) of S as `_layout` takes them
-    grad_args: tuple[int, ...] | None  # (stride_b, stride_k, stride_n) of dS, likewise (backward only)
-
-    @property
-    def num_blocks(self) -> int:
-        return triton.cdiv(self.cells, self.block_n)
+    location_args: tuple[int, int, int]  # (offset, stride_b, stride_n) of a, from its tensor's start
+    grad_args: tuple[int, ...] | None  # (stride_b, stride_k, stride_n) of dS as `_layout` takes them
+    grad_location_args: tuple[int, int] | None  # (stride_b, stride_n) of da (backward, separate a only)
 
     def constexprs(self) -> dict:
         return {"CLASSES_CONTIGUOUS": self.classes_contiguous, "ALIGN": self.align,
@@ -324,7 +324,7 @@ def _layout_and_alignment(shape, strides_list, element_size):
 
 @functools.lru_cache(maxsize=512)
 def _plan(scores_meta, location_meta, labels_meta, num_classes, prior, objective, block_n, block_k,
-          num_warps, grad_strides=None) -> Plan:
+          num_warps, grad_strides=None, grad_location_strides=None) -> Plan:
     """Every check of the inputs and every launch choice for one shape; cached, so a training step pays
     them once. *_meta = (shape, strides, dtype, device type) of each tensor; location_meta None = merged."""
     if prior not in PRIORS:
@@ -392,11 +392,22 @@ def _plan(scores_meta, location_meta, labels_meta, num_classes, prior, objective
             return channels // align, cells, stride_b // align, stride_k, stride_n // align
         return channels, cells // align, stride_b // align, stride_k // align, stride_n
 
+    if merged:  # the location channel K of the scores
+        location_args = (num_classes * views[0][1], views[0][0], views[0][2])
+    else:
+        stride_b, _, stride_n = _cells_strides(location_meta[0], location_meta[1], "location")
+        location_args = (0, stride_b, stride_n)
+    grad_location_args = None
+    if grad_location_strides is not None:
+        stride_b, _, stride_n = _cells_strides(location_meta[0], grad_location_strides, "grad_location")
+        grad_location_args = (stride_b, stride_n)
     return Plan(batch=batch, channels=channels, cells=cells, compute=compute,
                 classes_contiguous=classes_contiguous, align=align, block_k=block_k, block_n=block_n,
                 num_warps=num_warps or 4, block_cells=_pow2_between(cells, 16, 1024),
-                block_batch=_pow2_between(batch, 16, 1024), scores_args=scaled(*views[0]),
-                grad_args=scaled(*views[1])[2:] if grad_strides is not None else None)
+                block_batch=_pow2_between(batch, 16, 1024), num_blocks=triton.cdiv(cells, block_n),
+                scores_args=scaled(*views[0]), location_args=location_args,
+                grad_args=scaled(*views[1])[2:] if grad_strides is not None else None,
+                grad_location_args=grad_location_args)
 
 
 def _meta(tensor: torch.Tensor | None):
@@ -405,11 +416,6 @@ def _meta(tensor: torch.Tensor | None):
         return None
     return (tuple(int(n) for n in tensor.shape), tuple(int(n) for n in tensor.stride()), tensor.dtype,
             tensor.device.type)
-
-
-def _location_view(scores: torch.Tensor, location: torch.Tensor | None, num_classes: int) -> torch.Tensor:
-    """The [B, N]-strided location scores: the location channel of merged scores, or location [B,1,H,W]."""
-    return (scores[:, num_classes] if location is None else location[:, 0]).flatten(1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -429,10 +435,9 @@ def _calm_loss_forward(scores: torch.Tensor, location: torch.Tensor | None, labe
         return torch.full((), math.nan, dtype=plan.compute, device=scores.device), saved
     loss = scores.new_empty((), dtype=plan.compute)
     counters = torch.zeros(batch + 1, dtype=torch.int32, device=scores.device)
-    a = _location_view(scores, location, num_classes)
     wrap_triton(_calm_loss_forward_kernel)[(batch * plan.num_blocks,)](
-        scores, a, labels, saved, counters, loss,
-        batch, num_classes, *plan.scores_args[:2], plan.num_blocks, *plan.scores_args[2:], *a.stride(),
+        scores, scores if location is None else location, labels, saved, counters, loss,
+        batch, num_classes, *plan.scores_args[:2], plan.num_blocks, *plan.scores_args[2:], *plan.location_args,
         IS_RELU=prior == "relu", IS_EM=objective == "em", BLOCK_CELLS=plan.block_cells,
         BLOCK_BATCH=plan.block_batch, **plan.constexprs(),
     )
@@ -447,15 +452,14 @@ def _calm_loss_backward(grad_loss: torch.Tensor, scores: torch.Tensor, location:
     grad_scores = torch.empty_like(scores)
     grads = [grad_scores] if location is None else [grad_scores, torch.empty_like(location)]
     plan = _plan(_meta(scores), _meta(location), _meta(labels), num_classes, prior, "ml", block_n, block_k,
-                 num_warps, grad_strides=_meta(grad_scores)[1])
+                 num_warps, grad_strides=_meta(grad_scores)[1],
+                 grad_location_strides=None if location is None else _meta(grads[1])[1])
     if plan.batch == 0:
         return grads
-    a = _location_view(scores, location, num_classes)
-    grad_a = a if location is None else grads[1][:, 0].flatten(1)  # not written when merged
     wrap_triton(_calm_loss_backward_kernel)[(plan.batch * plan.num_blocks,)](
-        scores, a, labels, saved, grad_loss, grad_scores, grad_a,
+        scores, scores if location is None else location, labels, saved, grad_loss, grad_scores, grads[-1],
         plan.batch, num_classes, *plan.scores_args[:2], plan.num_blocks, *plan.scores_args[2:], *plan.grad_args,
-        *a.stride(), *grad_a.stride(),
+        *plan.location_args, *(plan.grad_location_args or (0, 0)),  # da: into grad_scores when merged
         IS_RELU=prior == "relu", MERGED=location is None, **plan.constexprs(),
     )
     return grads
