@@ -16,10 +16,12 @@ nothing overflows for logits of ±1e4 and nothing is NaN. Choices that differ fr
 - the reference adds 1e-8 to prior entries below 1e-8 before its EM log; here log p(z) is exact (-inf on
   cells with zero prior, which then carry zero posterior and contribute nothing).
 
-The plain-PyTorch functions are the oracle that the kernels in `calm_fast.kernels` are tested against.
-`backend="auto"` uses the kernels for CUDA tensors and PyTorch elsewhere; the environment variable
-CALM_FAST_HEAD_BACKEND (torch | triton | auto) changes the default (read once per process). Mode arguments
-(method, objective, prior, map kind, backend) are `calm_fast.modes` members or their string values.
+The plain-PyTorch functions are the oracle that the kernels in `calm_fast.kernels` are tested against:
+the training loss is one fused op (kernels/calm_loss.py), the all-class marginal for evaluation another
+(kernels/calm_head.py). `backend="auto"` uses the kernels for CUDA tensors and PyTorch elsewhere; the
+environment variable CALM_FAST_HEAD_BACKEND (torch | triton | auto) changes the default (read once per
+process). Mode arguments (method, objective, prior, map kind, backend) are `calm_fast.modes` members or
+their string values.
 """
 
 from __future__ import annotations
@@ -113,28 +115,24 @@ def class_log_probs(class_logits, location_scores, method: str, prior: str = "re
     return log_marginal(class_logits, location_scores, prior, backend)
 
 
-def _entropy_from_log(log_q: torch.Tensor) -> torch.Tensor:
-    q = log_q.exp()
-    return -torch.where(q > 0, q * log_q, torch.zeros_like(q)).sum(dim=-1)
-
-
 def calm_loss(class_logits, location_scores, labels, objective: str = "em", prior: str = "relu", backend=None):
     """Mean training loss over the batch.
 
     "ml": -log p(y | x). "em": the EM M-step loss -Σ_z q(z) log p(y, z | x) with q = p(z | x, y) detached;
     its value is L_ml + H(q) and its gradient equals that of "ml" (Fisher's identity, CALM.md §1), which is
-    how the fused path computes it. "cam": cross-entropy of GAP(S) (location_scores may be None).
+    how the fused op (calm_fast.kernels.calm_loss) computes it. "cam": cross-entropy of GAP(S)
+    (location_scores may be None).
     """
     objective = parse(Objective, objective, "objective")
     labels = labels.long()
     if objective == "cam":
         return F.nll_loss(cam_log_probs(class_logits), labels)
     if _use_kernels(class_logits, backend):
-        log_marg, log_post = _fused(class_logits, location_scores, labels, prior)
-        nll = -log_marg.gather(1, labels[:, None]).squeeze(1)
-        if objective == "em":
-            nll = nll + _entropy_from_log(log_post.detach())
-        return nll.mean()
+        from calm_fast.kernels.calm_loss import calm_loss as fused_loss  # lazy: Triton picks CPU/GPU at import
+
+        prior = parse(Prior, prior, "prior")  # the op takes plain strings (its schema's type)
+        return fused_loss(class_logits, labels, class_logits.shape[1], prior.value, objective.value,
+                          location=location_scores)
     joint = log_joint(class_logits, location_scores, prior)  # [B, K, N]
     joint_y = joint.gather(1, labels[:, None, None].expand(-1, 1, joint.shape[2])).squeeze(1)  # [B, N]
     log_marg_y = torch.logsumexp(joint_y, dim=1)
@@ -144,6 +142,26 @@ def calm_loss(class_logits, location_scores, labels, objective: str = "em", prio
     # Cells with q = 0 (zero prior) contribute nothing; where() keeps 0 * -inf from becoming NaN.
     weighted = torch.where(q > 0, q * joint_y, torch.zeros_like(joint_y))
     return -weighted.sum(dim=1).mean()
+
+
+def merged_loss(head_maps, labels, num_classes: int, objective: str = "em", prior: str = "relu", backend=None):
+    """`calm_loss` of the merged head maps [B, C, H, W] of `WSOLModel.forward(merged=True)`: class logits in
+    channels 0..K-1, location scores in channel K (CALM), padding after. The fused op takes the tensor
+    whole, so the merged conv gets one gradient (zeros in the padding); elsewhere its slices go to
+    `calm_loss`. For "cam" the maps are the class logits."""
+    objective = parse(Objective, objective, "objective")
+    if objective == "cam":
+        return calm_loss(head_maps[:, :num_classes], None, labels, objective)
+    if _use_kernels(head_maps, backend):  # the op checks its inputs, once per shape
+        from calm_fast.kernels.calm_loss import calm_loss as fused_loss  # lazy: Triton picks CPU/GPU at import
+
+        prior = parse(Prior, prior, "prior")  # the op takes plain strings (its schema's type)
+        return fused_loss(head_maps, labels.long(), num_classes, prior.value, objective.value)
+    if head_maps.dim() != 4 or head_maps.shape[1] < num_classes + 1:
+        raise ValueError(f"head_maps must be [B, C, H, W] with C >= num_classes + 1 = {num_classes + 1}, got "
+                         f"shape {tuple(head_maps.shape)}")
+    return calm_loss(head_maps[:, :num_classes], head_maps[:, num_classes:num_classes + 1], labels, objective,
+                     prior, backend="torch")
 
 
 def attribution_map(class_logits, location_scores, labels, kind: str = "joint", prior: str = "relu"):

@@ -181,3 +181,20 @@ def test_bad_arguments_name_the_argument():
         head.log_marginal(s, a[:, :, :2])
     with pytest.raises(ValueError, match="kind="):
         head.attribution_map(s, a, torch.zeros(3, dtype=torch.long), kind="cam")
+
+
+@pytest.mark.parametrize("objective", ("em", "ml", "cam"))
+def test_merged_loss_equals_calm_loss_of_the_two_maps(objective):
+    """The loss of merged head maps (class channels, location channel, padding) is calm_loss of its slices,
+    and its gradient reaches the class and location channels only."""
+    s, a = random_inputs(seed=11)
+    maps = torch.cat([s, a, torch.zeros(3, 2, 4, 6)], dim=1).requires_grad_()
+    labels = torch.tensor([0, 4, 2])
+    loss = head.merged_loss(maps, labels, 5, objective, backend="torch")
+    expected = head.calm_loss(s, None if objective == "cam" else a, labels, objective)
+    torch.testing.assert_close(loss, expected)
+    (grad,) = torch.autograd.grad(loss, maps)
+    assert (grad[:, 6:] == 0).all() and grad[:, :5].abs().sum() > 0
+    assert (grad[:, 5] == 0).all() == (objective == "cam")
+    with pytest.raises(ValueError, match="head_maps must be"):
+        head.merged_loss(maps[:, :5], labels, 5, "em", backend="torch")

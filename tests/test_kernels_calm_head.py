@@ -250,7 +250,7 @@ def test_bad_inputs_name_the_argument():
 
 def test_bench_head_smoke_on_cpu(tmp_path):
     """`calm-fast bench head --device cpu` runs its correctness checks and timings under the interpreter and
-    writes JSON (the GPU run uses the same code with the paper's shapes)."""
+    writes JSON (the GPU run uses the same code with the paper's shapes, and adds the compiled paths)."""
     from calm_fast import cli
 
     out = tmp_path / "head.json"
@@ -259,10 +259,16 @@ def test_bench_head_smoke_on_cpu(tmp_path):
     results = json.loads(out.read_text())
     assert status == 0
     assert results["correctness"] and all(case["passed"] for case in results["correctness"])
-    (row,) = results["benchmarks"]
-    assert (row["batch"], row["classes"], row["height"], row["width"]) == (2, 10, 3, 5)
-    assert row["fused_ms"] > 0 and row["torch_ms"] > 0 and row["compile_ms"] is None
-    assert math.isclose(row["speedup_vs_torch"], row["torch_ms"] / row["fused_ms"], rel_tol=1e-9)
+    rows = {(row["layout"], row["path"]): row for row in results["benchmarks"]}
+    assert set(rows) == {("contiguous", "fused"), ("contiguous", "oracle"), ("channels_last", "fused"),
+                         ("channels_last", "fused merged"), ("channels_last", "oracle")}
+    for (layout, _), row in rows.items():
+        assert (row["batch"], row["classes"], row["height"], row["width"]) == (2, 10, 3, 5)
+        wall = row["wall_ms"]
+        assert results["repeats"] == 3 and 0 < wall["min"] <= wall["median"] <= wall["max"]
+        assert row["device_ms"] is None and row["minimum_bytes"] == 3 * 2 * 10 * 15 * 2
+        oracle_wall = rows[layout, "oracle"]["wall_ms"]["median"]
+        assert math.isclose(row["speedup_vs_oracle"], oracle_wall / wall["median"], rel_tol=1e-9)
 
 
 # Compiles the kernels for an H100 (sm_90) without a GPU, with the interpreter off: the interpreter runs

@@ -174,6 +174,52 @@ def test_inception_dropout_sits_where_wsolevaluation_has_it():
     assert not torch.equal(trained, evaluated)
 
 
+@pytest.mark.parametrize("num_classes", [5, 7, 10])  # 2, 0 and 5 padding channels
+def test_merged_head_conv_equals_the_two_convs(num_classes):
+    """The one conv of both heads gives the class and location convs' values and, for any upstream
+    gradient, their parameters' and the features' gradients; the padding channels are zero; state-dict
+    keys are those of the two nn.Conv2d heads, and a state dict saved before the merge loads as it is."""
+    torch.manual_seed(0)
+    model = build_model("tiny_resnet", num_classes, "calm-em").double()
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    features = model.backbone(images).detach().requires_grad_()
+    maps = model.head_maps(features)
+    channels = maps.shape[1]
+    assert channels % 8 == 0 and channels - 8 < num_classes + 1 <= channels
+    upstream = torch.randn_like(maps)
+    heads = [model.class_head.weight, model.class_head.bias, model.location_head.weight, model.location_head.bias]
+    merged_grads = torch.autograd.grad(maps, [*heads, features], upstream)
+
+    class_logits, location_scores = model.class_head(features), model.location_head(features)
+    torch.testing.assert_close(maps[:, :num_classes], class_logits)
+    torch.testing.assert_close(maps[:, num_classes:num_classes + 1], location_scores)
+    assert (maps[:, num_classes + 1:] == 0).all()
+    separate_grads = torch.autograd.grad((class_logits, location_scores), [*heads, features],
+                                         (upstream[:, :num_classes], upstream[:, num_classes:num_classes + 1]))
+    for merged, separate in zip(merged_grads, separate_grads):
+        torch.testing.assert_close(merged, separate)
+
+    class_view, location_view = model(images)  # the default forward: the two maps as views of the merged one
+    torch.testing.assert_close(class_view, model.class_head(model.backbone(images)))
+    torch.testing.assert_close(location_view, model.location_head(model.backbone(images)))
+    assert torch.equal(model(images, merged=True)[:, :num_classes], class_view)
+
+    keys = set(model.state_dict())
+    assert {"class_head.weight", "class_head.bias", "location_head.weight", "location_head.bias"} <= keys
+    assert not any("padding" in key for key in keys)
+    assert all(key.startswith(("backbone.", "class_head.", "location_head.")) for key in keys)
+    fresh = build_model("tiny_resnet", num_classes, "calm-em").double()
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    assert torch.equal(fresh.head_maps(features), maps)
+
+
+def test_cam_merged_output_is_the_class_logits():
+    torch.manual_seed(0)
+    model = build_model("tiny_resnet", 3, "cam")
+    images = torch.randn(2, 3, 32, 32)
+    assert torch.equal(model(images, merged=True), model(images)[0])
+
+
 # --------------------------------------------------------------------------------------------------------
 # Small backbones
 # --------------------------------------------------------------------------------------------------------

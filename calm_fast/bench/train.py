@@ -1,11 +1,18 @@
-"""Training throughput on this node: images/s of `calm-fast train` on 1 rank against N ranks, one run.
+"""Training throughput on this node: ranks (`calm-fast train` on 1 rank against N) or heads (one step with
+the CALM-EM head against the same backbone with a plain CAM head).
 
-Each setting trains the same config for the same number of optimizer steps in a fresh run folder, as a
-child process (N ranks under torchrun, the threads of the machine split evenly between ranks), and reads
-the median images/s the loop logged (checkpointing, validation and start-up not counted). The ratio
-N-ranks / 1-rank is the scaling on one node. A small synthetic dataset is generated once under --data.
+`--compare ranks` (default): each setting trains the same config for the same number of optimizer steps
+in a fresh run folder, as a child process (N ranks under torchrun, the threads of the machine split evenly
+between ranks), and reads the median images/s the loop logged (checkpointing, validation and start-up not
+counted). The ratio N-ranks / 1-rank is the scaling on one node. A small synthetic dataset is generated
+once under --data.
+
+`--compare heads` (bench/train_heads.py): images/s of a full training step (forward, loss, backward, SGD) on
+random images, in this process, per backbone, for the plain CAM head and the CALM-EM head with its loss
+fused (GPU), in eager PyTorch (the naive oracle) and under torch.compile, with peak memory (GPU).
 
     python -m calm_fast.cli bench train --ranks 1 2 --steps 60 --out runs/bench/train.json
+    python -m calm_fast.cli bench train --compare heads --out runs/bench/train-heads.json
 """
 
 from __future__ import annotations
@@ -19,13 +26,20 @@ import sys
 import tempfile
 from pathlib import Path
 
+from calm_fast.bench import train_heads as bench_heads
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--compare", choices=("ranks", "heads"), default="ranks",
+                        help="ranks: 1 rank against N (calm-fast train); heads: CALM-EM heads against CAM")
+    bench_heads.add_arguments(parser)
     parser.add_argument("--config", "-c", default="configs/synthetic.toml", help="experiment config to train")
     parser.add_argument("--data", default="runs/bench/data", help="data root (a synthetic set is made if absent)")
     parser.add_argument("--ranks", nargs="+", type=int, default=[1, 2], help="rank counts to compare")
-    parser.add_argument("--steps", type=int, default=60, help="optimizer steps per setting")
-    parser.add_argument("--repeats", type=int, default=1, help="runs per setting; the median is reported")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="optimizer steps per setting (ranks: default 60; heads: 20 on GPU, 4 on CPU)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="runs per setting; the median is reported (ranks: default 1; heads: 3, at least 3)")
     parser.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides")
     parser.add_argument("--out", default=None, help="write the results as JSON to this file")
 
@@ -57,6 +71,9 @@ def _train_once(args, ranks: int, work: Path) -> float:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.compare == "heads":
+        return bench_heads.main(args)
+    args.steps, args.repeats = args.steps or 60, args.repeats or 1
     from rich.console import Console
     from rich.table import Table
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from calm_fast.config import Config
@@ -27,10 +28,20 @@ def check_method(method: str) -> None:
         raise ValueError(f"method: unknown {method!r}; choose one of {choices(Method)}")
 
 
+# The merged head output has its channels padded to a multiple of this: with 8 channels a 16-byte vector
+# of bf16, every cell of a channels-last map starts 16-byte aligned (the fused loss reads it with vectors).
+HEAD_CHANNEL_MULTIPLE = 8
+
+
 class WSOLModel(nn.Module):
     """Backbone + class head (K channels) + location head (1 channel; absent for "cam").
 
-    Both heads are 1×1 convs with bias, Xavier-uniform weights and zero bias.
+    Both heads are 1×1 convs with bias, Xavier-uniform weights and zero bias. For CALM they run as one
+    conv (the backbone's features are read once, forward and backward): its weight is the two heads'
+    weights and zero rows stacked, giving the merged head maps [B, C, H, W] with the class logits in
+    channels 0..K-1, the location scores in channel K and zeros up to C, a multiple of
+    HEAD_CHANNEL_MULTIPLE. The two nn.Conv2d modules stay the parameters' owners, so state-dict keys,
+    initialisation and old checkpoints are unchanged.
     """
 
     def __init__(self, backbone: Backbone, num_classes: int, method: str):
@@ -46,12 +57,31 @@ class WSOLModel(nn.Module):
         init_xavier(self.class_head)
         if self.location_head is not None:
             init_xavier(self.location_head)
+            padding = -(num_classes + 1) % HEAD_CHANNEL_MULTIPLE
+            # zero weight rows and biases of the padding channels (not parameters, not in the state dict)
+            self.register_buffer("head_padding", torch.zeros(padding, backbone.out_channels + 1), persistent=False)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """images [B,3,h,w] -> (class_logits [B,K,H,W], location_scores [B,1,H,W] or None for "cam")."""
+    def head_maps(self, features: torch.Tensor) -> torch.Tensor:
+        """The merged 1×1 conv of both heads (CALM): features [B,D,H,W] -> [B, C, H, W] (see the class)."""
+        padding = self.head_padding.to(self.class_head.weight.dtype)
+        weight = torch.cat([self.class_head.weight, self.location_head.weight, padding[:, :-1, None, None]])
+        bias = torch.cat([self.class_head.bias, self.location_head.bias, padding[:, -1]])
+        return F.conv2d(features, weight, bias)
+
+    def forward(self, images: torch.Tensor, merged: bool = False):
+        """images [B,3,h,w] -> (class_logits [B,K,H,W], location_scores [B,1,H,W] or None for "cam").
+
+        merged=True returns the merged head maps [B, C, H, W] instead (CALM; for "cam" the class logits),
+        which `calm_fast.head.merged_loss` takes whole, giving the conv one gradient.
+        """
         features = self.backbone(images)
-        location_scores = None if self.location_head is None else self.location_head(features)
-        return self.class_head(features), location_scores
+        if self.location_head is None:
+            class_logits = self.class_head(features)
+            return class_logits if merged else (class_logits, None)
+        maps = self.head_maps(features)
+        if merged:
+            return maps
+        return maps[:, : self.num_classes], maps[:, self.num_classes: self.num_classes + 1]
 
     def parameter_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """(base-LR parameters: the backbone's ``base_lr_modules``, CALM.md §3; all the others: ×10 LR).

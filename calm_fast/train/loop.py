@@ -25,7 +25,7 @@ from calm_fast.data.splits import read_configured_split
 from calm_fast.distributed import (Watchdog, World, all_reduce_sum, any_rank, barrier, init_world, share_cpu_threads,
                                    shutdown_world)
 from calm_fast.evaluate.job import evaluate_model
-from calm_fast.head import calm_loss, class_log_probs, method_objective
+from calm_fast.head import class_log_probs, merged_loss, method_objective
 from calm_fast.models import build_model
 from calm_fast.models.weights import checkpoint_root, latest_checkpoint
 from calm_fast.modes import Precision
@@ -145,8 +145,10 @@ def _train(cfg: Config, world: World, watchdog: Watchdog, resume: bool) -> dict[
                 images = images.to(world.device, dtype=dtype, non_blocking=True,
                                    memory_format=torch.channels_last)
                 labels = labels.to(world.device, non_blocking=True)
-                class_logits, location_scores = engine(images)
-                loss = calm_loss(class_logits, location_scores, labels, objective=objective, prior=cfg.model.prior)
+                # both heads as one conv, the loss fused on CUDA: one gradient for the conv (models.wsol)
+                head_maps = engine(images, merged=True)
+                loss = merged_loss(head_maps, labels, train_split.num_classes, objective=objective,
+                                   prior=cfg.model.prior)
                 engine.backward(loss)
                 engine.step()
                 step_loss += loss.detach().double()
