@@ -501,3 +501,30 @@ def test_bad_inputs_are_named(cub):
         metric.update(np.zeros((1, 2, 2), np.float32), np.full((1, 2, 2), 2), [0])
     with pytest.raises(ValueError, match="at most 63"):
         build_pairs(np.zeros((2, 2), np.int64), [str(i) for i in range(64)])
+
+
+def test_needed_classes_and_kept_overlays(cub):
+    cub_root, split = cub
+    truth = cub_parts.CubCueTruth(cub_root, split)
+    cue = CueLocalization(truth, ["joint"], overlay_count=1)
+    # class 0 pairs with 1, 2, 3; class 1 with 0, 3, 2; class 2 with 0, 1 (its pair with 3 is not evaluated)
+    assert cue.needed_classes([0, 1, 2]).tolist() == [[True] * 4, [True] * 4, [True, True, True, False]]
+    maps = cub_maps(split)
+    cue.update({"joint": maps}, torch.from_numpy(split.labels), torch.arange(3))
+    assert sorted(cue.overlays) == [(0, 0), (0, 1), (0, 2)]  # image 0's rows: pairs (0,1), (0,2), (0,3)
+    np.testing.assert_array_equal(cue.overlays[(0, 1)]["joint"], (maps[0, 0] - maps[0, 2]).numpy())
+
+
+def test_cue_table_shows_groups_fresh_and_cumulative(cub):
+    from rich.console import Console
+
+    from calm_fast import report
+
+    cub_root, split = cub
+    cue = CueLocalization(cub_parts.CubCueTruth(cub_root, split), ["joint"])
+    cue.update({"joint": cub_maps(split)}, torch.from_numpy(split.labels), torch.arange(3))
+    console = Console(width=160, record=True)
+    console.print(report.cue_table(cue.results(cumulative=True)))
+    text = console.export_text()
+    assert "45.00 (1/1)" in text and "50.00 (2/3)" in text and "– (0/1)" in text and "48.33" in text
+    assert "cumulative (reference)" in text and "zeros included, dropped" in text

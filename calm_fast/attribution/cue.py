@@ -40,12 +40,14 @@ class CueLocalization:
     to score, each given per batch for all K classes. normalization: one name for all maps, or per map
     name (default `default_normalization`). grid: the threshold grid (default: the reference's log grid).
     chunk_rows bounds the rows resized and binned at once (memory). histogram: "numba" (host kernel),
-    "torch" (ops on the maps' device), or "auto" (torch for CUDA maps, else numba).
+    "torch" (ops on the maps' device), or "auto" (torch for CUDA maps, else numba). overlay_count: keep
+    the raw rows of the split's first n images (`overlays`: (index, pair) -> map name -> float32 [h, w])
+    for the report's grid of cue maps.
     """
 
     def __init__(self, truth: CueTruth, map_names: Sequence[str], grid: ThresholdGrid | None = None,
                  normalization: str | Mapping[str, str] | None = None, chunk_rows: int = 64,
-                 histogram: str = "auto"):
+                 histogram: str = "auto", overlay_count: int = 0):
         if not map_names:
             raise ValueError("no map to score for cue localization")
         if histogram not in HISTOGRAM_BACKENDS:
@@ -67,6 +69,8 @@ class CueLocalization:
                                  f"{', '.join(m for m in NORMALIZATIONS if m != 'none')}")
         self.chunk_rows = chunk_rows
         self.histogram = histogram
+        self.overlay_count = overlay_count
+        self.overlays: dict[tuple[int, int], dict[str, np.ndarray]] = {}
         self.metrics = {name: CuePixelAP(truth.pairs.groups, self.grid) for name in self.map_names}
         self._pairs_of_class = truth.pairs.pairs_of_class()
         self._class_pairs = truth.pairs.class_pairs
@@ -83,14 +87,27 @@ class CueLocalization:
         scored = (visible[image] & self._differing[pair]) != 0
         return image, pair, own, other, scored
 
+    def needed_classes(self, labels) -> np.ndarray:
+        """bool [B, K]: the classes whose maps `update` reads for images of these labels (the image's own
+        class and its pair partners); a source that pays per class (gradients) may compute only these."""
+        labels_np = _numpy_int(labels)
+        table = self._pairs_of_class[labels_np]
+        needed = np.zeros((len(labels_np), self.truth.pairs.num_classes), bool)
+        rows, slots = np.nonzero(table >= 0)
+        needed[rows, self._class_pairs[table[rows, slots]].T] = True
+        needed[np.arange(len(labels_np)), labels_np] = True
+        return needed
+
     def update(self, maps: Mapping[str, torch.Tensor], labels, indices) -> None:
-        """Add a batch: maps name -> [B, K, h, w] (every class's map, any float dtype and device), the
-        images' labels [B] and split indices [B] (which address the truth's label maps)."""
+        """Add a batch: maps name -> [B, K, h, w] (every class's map, or at least those of
+        `needed_classes`; any float dtype and device), the images' labels [B] and split indices [B] (which
+        address the truth's label maps)."""
         missing = [name for name in self.map_names if name not in maps]
         if missing:
             raise KeyError(f"cue localization needs the maps {missing}; got {sorted(maps)}")
         labels_np = _numpy_int(labels)
-        label_maps, visible = self.truth.label_maps(_numpy_int(indices))
+        indices_np = _numpy_int(indices)
+        label_maps, visible = self.truth.label_maps(indices_np)
         image, pair, own, other, scored = self.rows(labels_np, visible)
         for metric in self.metrics.values():
             metric.add_skipped(pair[~scored])
@@ -99,6 +116,11 @@ class CueLocalization:
         second = np.maximum(own, other)
         for name in self.map_names:
             self._score(name, maps[name], label_maps, image, pair, first, second)
+        for row in np.flatnonzero(indices_np[image] < self.overlay_count):
+            key = (int(indices_np[image[row]]), int(pair[row]))
+            self.overlays[key] = {name: (maps[name][image[row], first[row]].float()
+                                         - maps[name][image[row], second[row]].float()).cpu().numpy()
+                                  for name in self.map_names}
 
     def _score(self, name: str, class_maps: torch.Tensor, label_maps: np.ndarray, image: np.ndarray,
                pair: np.ndarray, first: np.ndarray, second: np.ndarray) -> None:
