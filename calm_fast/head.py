@@ -188,7 +188,7 @@ def all_class_maps(class_logits, location_scores, kind: str = "joint", prior: st
     One forward pass gives every class's map; the cue-localization benchmark compares them in pairs. The
     prior map is the same for every class, so it has no per-class form here.
     """
-    _check_choice("kind", kind, MAP_KINDS)
+    kind = parse(MapKind, kind, "kind")
     if kind == "prior":
         raise ValueError("kind='prior': p(z | x) is the same for every class; there is no per-class map")
     b, k, h, w = class_logits.shape

@@ -141,13 +141,18 @@ def _class_sort_key(row: dict) -> tuple:
 
 
 def print_results(results: dict, console=None, per_class_limit: int = 10) -> None:
-    """Print the results table and, for each map kind, the per-class breakdown."""
+    """Print the results table and, for each map kind, the per-class breakdown; then the cue-localization
+    table when the results have one."""
     console = console or Console()
-    console.print(results_table(results))
+    if results["maps"]:
+        console.print(results_table(results))
     for kind, metrics in results["maps"].items():
         rows = metrics.get("per_class")
         if rows and len(rows) > 1:
             console.print(per_class_table(rows, title=f"{kind} map, per class", limit=per_class_limit))
+    if results.get("cue"):
+        title = f"cue localization PxAP · {results.get('dataset', '?')} {results.get('split', '?')}"
+        console.print(cue_table(results["cue"], title=title))
 
 
 # ------------------------------------------------------------------------------------------------- plots

@@ -21,8 +21,9 @@ import numpy as np
 import torch
 
 from calm_fast.metrics.scoremaps import cam_thresholds
+from calm_fast.modes import CueGrid
 
-GRIDS = ("log", "linear")
+GRIDS = tuple(CueGrid)
 # "none": the values are the scores. The others take |value| and turn a map with a NaN or a constant map
 # into zeros; then "clip" clips to [0, 1] (the reference's CALM command), "minmax" gives (v - min) /
 # max(v - min) and "max" v / max, both clipped to [0, 1].

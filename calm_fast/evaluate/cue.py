@@ -2,25 +2,31 @@
 
 One forward pass per image gives the maps of all K classes, so the pairs cost no extra pass: an image of
 class y takes part in every evaluated pair (y, y'), and each such (image, pair) is a row. A row's raw map is
-the difference of the two class maps at the model's resolution, resized bilinearly to 224 x 224 (torch, on
-the maps' device, the difference taken before the resize as the reference does). The binning step turns
-it into |difference|, normalises it (`NORMALIZATIONS`) and counts its pixels against the pair's
-differing-part mask into the per-pair integer histograms of `CuePixelAP`: the numba kernel on the host,
-torch ops on a GPU (the same integers). Rows of images in which none of the pair's differing parts is
+the difference of the two class maps at the model's resolution, gathered on the maps' device. The binning
+step (`calm_fast.metrics.cue_bins`) resizes it bilinearly to 224 x 224 (the difference is taken before the
+resize, as the reference does), takes |.|, normalises it and counts its pixels against the pair's
+differing-part mask into the per-pair integer histograms of `CuePixelAP`: one fused numba kernel on the
+host, torch ops on a GPU, bit-identical. Rows of images in which none of the pair's differing parts is
 visible are skipped and counted. Everything kept is integer counts, merged exactly across ranks.
+`build_cue_localization` sets the benchmark up from the `[eval]` config and the dataset's ground truth.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from calm_fast.data.cue_truth import CueTruth
+from calm_fast.config import Config
+from calm_fast.data.cub_parts import CubCueTruth
+from calm_fast.data.cue_truth import CueTruth, SyntheticCueTruth
+from calm_fast.data.metadata import WSOLSplit
 from calm_fast.metrics.cue import CuePixelAP
 from calm_fast.metrics.cue_bins import NORMALIZATIONS, ThresholdGrid, bin_rows, bin_rows_torch
+from calm_fast.modes import CueNormalization
 
 # Probability maps are in [0, 1] already: the reference's CALM command only clips ("clipping"). Class
 # logits (the CAM map) are not, so their differences are min-max normalised per row.
@@ -31,6 +37,29 @@ HISTOGRAM_BACKENDS = ("auto", "numba", "torch")
 def default_normalization(map_name: str) -> str:
     """The normalisation of a map's differences: "clip" for CALM's probability maps, else "minmax"."""
     return DEFAULT_NORMALIZATION.get(map_name, "minmax")
+
+
+def cue_truth_for(cfg: Config, split: WSOLSplit) -> CueTruth:
+    """The split's cue ground truth: synthetic sets by their synthetic.json, CUB by its extras (eval.cub_root,
+    default <data.root>/CUB; eval.cub_segmentation_root, default <cub_root>/segmentations)."""
+    if (split.metadata_dir.parent / "synthetic.json").is_file():
+        return SyntheticCueTruth(split)
+    if split.dataset == "CUB":
+        cub_root = Path(cfg.eval.cub_root or Path(cfg.data.root) / "CUB")
+        return CubCueTruth(cub_root, split, cfg.eval.cub_segmentation_root or None)
+    raise ValueError(f"cue localization needs part ground truth: a synthetic dataset (synthetic.json beside "
+                     f"{split.metadata_dir}) or CUB with its parts and attributes; {split.dataset!r} has neither")
+
+
+def build_cue_localization(cfg: Config, split: WSOLSplit, map_names: Sequence[str], overlay_count: int = 0,
+                           truth: CueTruth | None = None) -> "CueLocalization":
+    """The cue benchmark of `[eval]`: grid eval.cue_grid / eval.cue_curve_interval, normalisation
+    eval.cue_normalization ("auto": `default_normalization` per map)."""
+    mode = CueNormalization(cfg.eval.cue_normalization)
+    return CueLocalization(truth or cue_truth_for(cfg, split), map_names,
+                           grid=ThresholdGrid(cfg.eval.cue_grid, cfg.eval.cue_curve_interval),
+                           normalization=None if mode == CueNormalization.AUTO else mode.value,
+                           overlay_count=overlay_count)
 
 
 class CueLocalization:
