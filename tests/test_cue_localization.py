@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from calm_fast.evaluate.cue import CueLocalization
+from calm_fast.evaluate.attribution.cue import CueLocalization
 from calm_fast.data import cub_parts
 from calm_fast.data.cue_truth import NO_PART, SyntheticCueTruth, build_pairs
 from calm_fast.data.metadata import MetadataError, read_split

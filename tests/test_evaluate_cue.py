@@ -16,7 +16,7 @@ import torch
 
 from calm_fast.data.cue_truth import SyntheticCueTruth
 from calm_fast.data.metadata import read_split
-from calm_fast.evaluate.cue import CueLocalization
+from calm_fast.evaluate.attribution.cue import CueLocalization
 from calm_fast.evaluate.job import evaluate_maps
 from calm_fast.evaluate.maps import BaselineMaps, ModelMaps
 from calm_fast.evaluate.scoring import EvalSettings

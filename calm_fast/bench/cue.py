@@ -26,7 +26,7 @@ from calm_fast.data.cue_truth import SyntheticCueTruth
 from calm_fast.data.metadata import read_split
 from calm_fast.data.synthetic import generate
 from calm_fast.data.torch_loader import build_torch_loader
-from calm_fast.evaluate.cue import CueLocalization
+from calm_fast.evaluate.attribution.cue import CueLocalization
 from calm_fast.evaluate.job import evaluate_maps
 from calm_fast.evaluate.maps import ModelMaps
 from calm_fast.evaluate.scoring import EvalSettings

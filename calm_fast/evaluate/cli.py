@@ -68,7 +68,7 @@ from calm_fast.console import user_error
 from calm_fast.data.loaders import build_eval_loader
 from calm_fast.data.splits import read_configured_split
 from calm_fast.distributed import init_world, share_cpu_threads, shutdown_world
-from calm_fast.evaluate.cue import build_cue_localization
+from calm_fast.evaluate.attribution.cue import build_cue_localization
 from calm_fast.evaluate.job import evaluate_maps
 from calm_fast.evaluate.maps import BASELINES, BaselineMaps, MapFn, ModelMaps, check_map_kinds
 from calm_fast.evaluate.reports import write_reports

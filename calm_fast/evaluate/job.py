@@ -18,7 +18,7 @@ import torch
 from calm_fast.config import Config, effective_map_kind
 from calm_fast.console import track
 from calm_fast.data.loaders import build_eval_loader
-from calm_fast.evaluate.cue import CueLocalization
+from calm_fast.evaluate.attribution.cue import CueLocalization
 from calm_fast.evaluate.maps import MapFn, ModelMaps
 from calm_fast.evaluate.scoring import EvalSettings, MapMetrics, all_reduce_states, as_numpy, gather_to_all
 from calm_fast.metrics import load_gt_mask, normalize_scoremaps, rescale_boxes

@@ -17,7 +17,7 @@ import torch
 from calm_fast import report
 from calm_fast.atomic import save_npz, write_json
 from calm_fast.data.images import decode_rgb
-from calm_fast.evaluate.cue import CueLocalization
+from calm_fast.evaluate.attribution.cue import CueLocalization
 from calm_fast.evaluate.job import Evaluation, ground_truth
 from calm_fast.evaluate.scoring import V1_IOU, EvalSettings
 from calm_fast.metrics import normalize_scoremaps
