@@ -207,3 +207,16 @@ def test_two_gloo_ranks_give_exactly_the_one_rank_wsol_and_cue_results(experimen
         assert "cumulative" in results["cue"]["maps"]["joint"]
     for name in ("cue_joint.png", "cue_class.png", "overlays_joint.png"):
         assert (one / name).is_file() and (two / name).is_file(), name
+
+
+def test_bench_cue_smallest_run_writes_its_numbers(tmp_path):
+    from calm_fast import cli
+
+    out = tmp_path / "cue.json"
+    code = cli.main(["bench", "cue", "--data", str(tmp_path / "data"), "--images", "16", "--repeats", "1",
+                     "--workers", "0", "--batch-size", "8", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert code == (0 if result["meets_target"] else 1)
+    assert result["images"] == 16 and result["pairs"] == 28 and result["forward_passes_per_image"] == 1.0
+    assert len(result["seconds"]["plain"]) == len(result["seconds"]["cue"]) == 1
+    assert result["ratio"] == pytest.approx(result["median_seconds"]["cue"] / result["median_seconds"]["plain"])
