@@ -153,6 +153,8 @@ def print_results(results: dict, console=None, per_class_limit: int = 10) -> Non
     if results.get("cue"):
         title = f"cue localization PxAP · {results.get('dataset', '?')} {results.get('split', '?')}"
         console.print(cue_table(results["cue"], title=title))
+        for line in results["cue"].get("checks", []):
+            console.print(line)
 
 
 # ------------------------------------------------------------------------------------------------- plots

@@ -4,6 +4,7 @@ dropped scores, the resize, the two binning paths, and exact merging of shards."
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -528,3 +529,13 @@ def test_cue_table_shows_groups_fresh_and_cumulative(cub):
     text = console.export_text()
     assert "45.00 (1/1)" in text and "50.00 (2/3)" in text and "– (0/1)" in text and "48.33" in text
     assert "cumulative (reference)" in text and "zeros included, dropped" in text
+
+
+def test_the_cub_pair_count_check_is_reported(cub):
+    cub_root, split = cub
+    cue = CueLocalization(cub_parts.CubCueTruth(cub_root, split), ["joint"])
+    (line,) = cue.results()["checks"]
+    assert line == "CUB cue pairs with 1 / 2 / 3 differing part groups: 1 / 3 / 1: DIFFER from the published 31 / 64 / 96"
+    published = dataclasses.replace(cue.truth.pairs, group_counts={0: 5, 1: 31, 2: 64, 3: 96, 4: 19704})
+    ok, line = cub_parts.check_pair_counts(published)
+    assert ok and line.endswith("31 / 64 / 96: match the published 31 / 64 / 96")

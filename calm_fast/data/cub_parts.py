@@ -244,6 +244,7 @@ class CubCueTruth:
                                 f"({len(absent)} image(s) of {split.metadata_dir})")
         self.locations = [locations[n] for n in self.image_numbers]
         self.description = "CUB-200-2011 (reference protocol): attribute part groups, keypoint Voronoi cells AND segmentation"
+        self.checks = [check_pair_counts(self.pairs)[1]]
 
     def label_maps(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         indices = np.asarray(indices).tolist()

@@ -66,6 +66,7 @@ class CueTruth(Protocol):
 
     pairs: CuePairs
     description: str
+    checks: list[str]  # lines for the user: checks of the ground truth against published numbers
 
     def label_maps(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """(uint8 [B, 224, 224] part labels, NO_PART elsewhere; int64 [B] bit masks of the visible parts)."""
@@ -134,6 +135,7 @@ class SyntheticCueTruth:
         self.split = split
         self.pairs = build_pairs(differing, self.part_names, groups)
         self.description = f"synthetic ({path.name}): differing part slots, exact part masks"
+        self.checks: list[str] = []
 
     def label_maps(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         labels = np.empty((len(indices), CUE_SIZE, CUE_SIZE), np.uint8)

@@ -198,9 +198,10 @@ class CueLocalization:
     def results(self, cumulative: bool = False) -> dict[str, Any]:
         """Per map name: `CuePixelAP.compute()` (fresh accumulator per pair) with each pair's classes and
         differing parts, its normalisation, and with cumulative=True also `cumulative`: the reference's
-        never-reset number, labelled as such. Plus the ground truth's description and group counts."""
+        never-reset number, labelled as such. Plus the ground truth's description, its checks (CUB: the
+        pair counts against the published ones) and the pairs per number of differing parts."""
         pairs = self.truth.pairs
-        out: dict[str, Any] = {"truth": self.truth.description,
+        out: dict[str, Any] = {"truth": self.truth.description, "checks": list(self.truth.checks),
                                "group_counts": {str(g): c for g, c in sorted(pairs.group_counts.items())},
                                "maps": {}}
         for name, metric in self.metrics.items():
