@@ -26,7 +26,18 @@ from pathlib import Path
 from typing import Any
 
 from calm_fast.atomic import atomic_write_text
-from calm_fast.modes import CAM_MAPS_ONLY, LoaderKind, MapKind, Method, Precision, Prior, Schedule
+from calm_fast.modes import (
+    CAM_MAPS_ONLY,
+    Benchmark,
+    CueGrid,
+    CueNormalization,
+    LoaderKind,
+    MapKind,
+    Method,
+    Precision,
+    Prior,
+    Schedule,
+)
 
 ZERO_STAGES = (1, 2)
 
@@ -121,6 +132,13 @@ class EvalConfig:
     iou_thresholds: list[int] = field(default_factory=lambda: [30, 50, 70])
     multi_contour: bool = True  # MaxBoxAccV2 (True) or v1 single-contour boxes
     batch_size: int = 64  # per rank
+    benchmarks: list[str] = field(default_factory=lambda: ["wsol"])  # wsol | cue (one forward pass for all)
+    cue_grid: str = "log"  # log: the reference's log-spaced thresholds (sub-threshold scores dropped) | linear
+    cue_curve_interval: float = 0.001  # log: 7 * interval apart in log10 (0.001: 1000 thresholds); linear: step
+    cue_normalization: str = "auto"  # auto: clip for joint/posterior maps, minmax for class logits | clip | minmax | max
+    cue_cumulative: bool = True  # also report the reference's never-reset accumulator, labelled as such
+    cub_root: str = ""  # CUB mode: the CUB_200_2011 folder (images.txt, parts/, attributes/); "": <data.root>/CUB
+    cub_segmentation_root: str = ""  # CUB mode: the segmentations/ folder; "": <cub_root>/segmentations
 
 
 @dataclass
@@ -301,6 +319,10 @@ def validate(cfg: Config, origin: dict[str, str] | None = None) -> None:
     _choice(cfg.data.loader, tuple(LoaderKind), "data.loader", origin)
     _choice(cfg.data.eval_loader, tuple(LoaderKind), "data.eval_loader", origin)
     _choice(cfg.eval.map_kind, ("auto", *MapKind), "eval.map_kind", origin)
+    for benchmark in cfg.eval.benchmarks:
+        _choice(benchmark, tuple(Benchmark), "eval.benchmarks", origin)
+    _choice(cfg.eval.cue_grid, tuple(CueGrid), "eval.cue_grid", origin)
+    _choice(cfg.eval.cue_normalization, tuple(CueNormalization), "eval.cue_normalization", origin)
     positive = {
         "data.input_size": cfg.data.input_size, "data.resize_size": cfg.data.resize_size,
         "data.batch_size": cfg.data.batch_size, "data.eval_batch_size": cfg.data.eval_batch_size,
@@ -329,6 +351,8 @@ def validate(cfg: Config, origin: dict[str, str] | None = None) -> None:
                           f"must be >= data.input_size ({cfg.data.input_size}) for the random crop")
     if not 0 < cfg.eval.cam_curve_interval < 1:
         raise ConfigError(f"{_where(origin, 'eval.cam_curve_interval')}: eval.cam_curve_interval must lie in (0, 1)")
+    if not 0 < cfg.eval.cue_curve_interval < 1:
+        raise ConfigError(f"{_where(origin, 'eval.cue_curve_interval')}: eval.cue_curve_interval must lie in (0, 1)")
     if cfg.model.prior == "softmax" and cfg.model.method == "cam":
         raise ConfigError(f"{_where(origin, 'model.prior')}: model.prior only applies to CALM methods")
     if cfg.model.method == "cam" and cfg.eval.map_kind in ("joint", "posterior", "prior"):

@@ -178,11 +178,30 @@ def attribution_map(class_logits, location_scores, labels, kind: str = "joint", 
     if kind == "prior":  # class-agnostic: S is not needed, so not copied to fp32 either
         _check_shapes(class_logits, location_scores)
         return log_prior(location_scores.float().reshape(b, h * w), prior).exp().reshape(b, h, w)
-    joint = log_joint(class_logits, location_scores, prior)
-    joint_y = joint[torch.arange(b, device=labels.device), labels]  # [B, N]
+    joint_y = log_joint(class_logits, location_scores, prior)[torch.arange(b, device=labels.device), labels]
+    return _joint_to_map(joint_y, kind).exp().reshape(b, h, w)
+
+
+def all_class_maps(class_logits, location_scores, kind: str = "joint", prior: str = "relu"):
+    """The maps of every class at once: fp32 [B, K, H, W] (kinds as in `attribution_map`).
+
+    One forward pass gives every class's map; the cue-localization benchmark compares them in pairs. The
+    prior map is the same for every class, so it has no per-class form here.
+    """
+    kind = parse(MapKind, kind, "kind")
+    if kind == "prior":
+        raise ValueError("kind='prior': p(z | x) is the same for every class; there is no per-class map")
+    b, k, h, w = class_logits.shape
+    if kind == "class":
+        return class_logits.float()
+    return _joint_to_map(log_joint(class_logits, location_scores, prior), kind).exp().reshape(b, k, h, w)
+
+
+def _joint_to_map(log_joint_maps: torch.Tensor, kind: str) -> torch.Tensor:
+    """log p(y, z | x) [..., N] -> the log of the map of `kind`: itself (joint) or log p(z | x, y) (posterior)."""
     if kind == "posterior":
-        joint_y = joint_y - torch.logsumexp(joint_y, dim=1, keepdim=True)
-    return joint_y.exp().reshape(b, h, w)
+        return log_joint_maps - torch.logsumexp(log_joint_maps, dim=-1, keepdim=True)
+    return log_joint_maps
 
 
 def method_objective(method: Method | str) -> Objective:

@@ -1,5 +1,6 @@
 """The one home of every mode list: each choice calm-fast offers (method, objective, prior, map kind,
-precision, loader kind, head backend, LR schedule, FFCV recipe and storage mode, baseline map) is a
+precision, loader kind, head backend, LR schedule, FFCV recipe and storage mode, baseline map, evaluation
+benchmark, cue-localization threshold grid and normalisation) is a
 `StrEnum` here. Strings from configs and command lines are turned into members once, by `parse`, where
 they enter (config reading, API entry points); inner code compares members. A member equals its string
 value, so `Method.CAM == "cam"` and members print as their values.
@@ -13,7 +14,8 @@ from typing import TypeVar
 import torch
 
 __all__ = ["Method", "Objective", "Prior", "MapKind", "Precision", "LoaderKind", "Backend", "Schedule",
-           "Recipe", "DecoderMode", "WriteMode", "Baseline", "parse", "choices"]
+           "Recipe", "DecoderMode", "WriteMode", "Baseline", "Benchmark", "CueGrid", "CueNormalization", "parse",
+           "choices"]
 
 E = TypeVar("E", bound=enum.StrEnum)
 
@@ -152,3 +154,26 @@ class Baseline(enum.StrEnum):
 
     CENTRE_GAUSSIAN = "centre-gaussian"
     IMAGE_ENERGY = "image-energy"
+
+
+class Benchmark(enum.StrEnum):
+    """What `calm-fast eval` measures: the WSOL metrics, or the attribution benchmarks of CALM.md §4."""
+
+    WSOL = "wsol"  # MaxBoxAcc, MaxBoxAccV2, top-1 localization, PxAP of the ground-truth class's map
+    CUE = "cue"  # cue localization: |map_y1 - map_y2| against the parts where classes y1, y2 differ
+
+
+class CueGrid(enum.StrEnum):
+    """The threshold grid of cue-localization PxAP."""
+
+    LOG = "log"  # the reference's log-spaced thresholds; scores below the first one are dropped
+    LINEAR = "linear"  # numpy's arange(0, 1, interval), as the WSOL metrics use
+
+
+class CueNormalization(enum.StrEnum):
+    """How |map_y1 - map_y2| becomes scores in [0, 1] (the reference's `normalize_scoremap`)."""
+
+    AUTO = "auto"  # clip for CALM's probability maps, minmax for class logits and other maps
+    CLIP = "clip"
+    MINMAX = "minmax"
+    MAX = "max"

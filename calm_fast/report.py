@@ -141,13 +141,20 @@ def _class_sort_key(row: dict) -> tuple:
 
 
 def print_results(results: dict, console=None, per_class_limit: int = 10) -> None:
-    """Print the results table and, for each map kind, the per-class breakdown."""
+    """Print the results table and, for each map kind, the per-class breakdown; then the cue-localization
+    table when the results have one."""
     console = console or Console()
-    console.print(results_table(results))
+    if results["maps"]:
+        console.print(results_table(results))
     for kind, metrics in results["maps"].items():
         rows = metrics.get("per_class")
         if rows and len(rows) > 1:
             console.print(per_class_table(rows, title=f"{kind} map, per class", limit=per_class_limit))
+    if results.get("cue"):
+        title = f"cue localization PxAP · {results.get('dataset', '?')} {results.get('split', '?')}"
+        console.print(cue_table(results["cue"], title=title))
+        for line in results["cue"].get("checks", []):
+            console.print(line)
 
 
 # ------------------------------------------------------------------------------------------------- plots
@@ -290,3 +297,32 @@ def write_per_class_csv(path: str | os.PathLike, rows: Sequence[dict]) -> Path:
                 cells.append(str(value))
         lines.append(",".join(cells))
     return atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def cue_table(cue: dict, title: str = "cue localization"):
+    """A rich Table of cue-localization PxAP: one row per map, mean PxAP per group of class pairs (the
+    number of differing parts) with scored / evaluated pairs, and the pair-weighted mean. Maps with the
+    reference's cumulative number get a second, labelled row."""
+    from rich.table import Table
+
+    maps: dict = cue["maps"]
+    groups = sorted({int(g) for m in maps.values() for g in m["groups"]})
+    table = Table(title=title, title_justify="left", caption=next(iter(maps.values()))["grid"] if maps else None)
+    table.add_column("map", style="bold")
+    table.add_column("accumulator")
+    for group in groups:
+        table.add_column(f"{group} part{'s' if group > 1 else ''} (pairs)", justify="right")
+    table.add_column("mean (pair-weighted)", justify="right", style="bold green")
+    for name, metrics in maps.items():
+        sections = [("fresh per pair", metrics)]
+        if metrics.get("cumulative"):
+            sections.append(("cumulative (reference)", metrics["cumulative"]))
+        for label, numbers in sections:
+            row = [name, label]
+            for group in groups:
+                entry = numbers["groups"].get(group) or numbers["groups"].get(str(group))
+                row.append("–" if entry is None else
+                           f"{_fmt(entry['mean_pxap'])} ({entry['num_scored']}/{entry['num_pairs']})")
+            row.append(_fmt(numbers["mean_pxap"]))
+            table.add_row(*row)
+    return table

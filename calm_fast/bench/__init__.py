@@ -2,8 +2,8 @@
 
 Parts: `loader` (FFCV vs a plain PyTorch DataLoader), `head` (fused Triton head vs plain PyTorch and
 torch.compile), `train` (training steps/s), `metrics` (fast exact WSOL metrics vs the OpenCV loop),
-`attribution` (remove-and-classify and gradient baselines against the model's own forward/backward cost), and
-`all`.
+`attribution` (remove-and-classify and gradient baselines against the model's own forward/backward cost),
+`cue` (cue localization vs one plain inference pass), and `all`.
 Each prints medians and ratios; `--out FILE` also writes them as JSON.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-PARTS = ("loader", "head", "train", "metrics", "attribution")
+PARTS = ("loader", "head", "train", "metrics", "attribution", "cue")
 
 
 def _part_modules():

@@ -1,4 +1,5 @@
-"""Evaluate a trained model (or a class-agnostic baseline map) on a WSOL split: MaxBoxAcc, MaxBoxAccV2, PxAP.
+"""Evaluate a trained model (or a class-agnostic baseline map) on a split: the WSOL metrics (MaxBoxAcc,
+MaxBoxAccV2, PxAP) and the attribution benchmarks (cue localization), from one forward pass per image.
 
 What is measured (METRICS.md). For every image the map of its ground-truth class (GT-known) is taken at
 the model's resolution, turned into float64, resized to 224×224 with OpenCV's bicubic filter and min-max
@@ -25,14 +26,25 @@ Outputs, under `<run_dir>/eval/<split>/` (or --out), written by rank 0, each fil
   maps/rank<r>.npz        only with --save-maps: this rank's raw maps (map_<name>: float32 [n, h, w] at
                           the model's resolution) with their indices, labels and predicted classes
 
+Benchmarks (--benchmark, eval.benchmarks; any combination, sharing one pass over the split):
+  wsol   the metrics above, on the ground-truth class's map of each kind
+  cue    cue localization (CALM.md §4): for every class pair that differs in 1, 2 or 3 parts, the map
+         |map_y1 - map_y2| of each image of either class, scored by PxAP against the differing parts
+         (synthetic sets: exact part masks; CUB: the reference protocol), per group and pair-weighted;
+         the maps of all classes come from the same forward pass. Adds cue_<map>.png (a grid of cue maps
+         with the differing-part masks) and the cue table; eval.cue_* keys set the grid and normalisation.
+Each benchmark's cost (forward passes per image, seconds, images/s) is in results.json under "cost".
+
 Map sources. `evaluate_maps(map_fn, split, loader, ...)` scores anything that turns a batch into maps:
 a model (`ModelMaps`), or a class-agnostic baseline (`BaselineMaps`: a centred Gaussian, the smoothed
-image-gradient energy), through the same metric code.
+image-gradient energy), through the same metric code. Cue localization needs the maps of every class
+(`MapBatch.class_maps`), which class-agnostic baselines do not have.
 
 Examples (config overrides go before the list options --split/--map-kind/--baseline):
   calm-fast eval --run runs/synthetic                       model.pt of the run, eval.split, eval.map_kind
   calm-fast eval --run runs/synthetic eval.cam_curve_interval=0.001 --split val test --map-kind all
   calm-fast eval -c configs/synthetic.toml --baseline centre-gaussian image-energy
+  calm-fast eval --run runs/synthetic --benchmark wsol cue --map-kind joint class
   torchrun --standalone --nproc_per_node 8 -m calm_fast.cli eval --run runs/x      (or the deepspeed
       launcher with --module calm_fast.cli eval ...): 8 ranks, the same numbers as one process
 
@@ -56,13 +68,14 @@ from calm_fast.console import user_error
 from calm_fast.data.loaders import build_eval_loader
 from calm_fast.data.splits import read_configured_split
 from calm_fast.distributed import init_world, share_cpu_threads, shutdown_world
+from calm_fast.evaluate.attribution.cue import build_cue_localization
 from calm_fast.evaluate.job import evaluate_maps
 from calm_fast.evaluate.maps import BASELINES, BaselineMaps, MapFn, ModelMaps, check_map_kinds
 from calm_fast.evaluate.reports import write_reports
 from calm_fast.evaluate.scoring import EvalSettings
 from calm_fast.models.weights import load_weights, num_classes_of
 from calm_fast.models.wsol import build_model_from
-from calm_fast.modes import MapKind, Method, choices, map_kinds_of
+from calm_fast.modes import Benchmark, MapKind, Method, choices, map_kinds_of
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -78,6 +91,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", nargs="+", metavar="SPLIT", help="split(s) to evaluate (default: eval.split)")
     parser.add_argument("--map-kind", nargs="+", metavar="KIND",
                         help=f"map kind(s): {choices(MapKind)} or all (default: eval.map_kind)")
+    parser.add_argument("--benchmark", nargs="+", metavar="NAME", choices=tuple(Benchmark),
+                        help=f"what to measure, in one pass over the split: {choices(Benchmark)} "
+                             "(default: eval.benchmarks)")
     parser.add_argument("--baseline", nargs="+", metavar="NAME", choices=BASELINES,
                         help=f"evaluate class-agnostic baseline maps instead of a model: {', '.join(BASELINES)}")
     parser.add_argument("--out", metavar="DIR", help="results folder (default: RUN_DIR/eval/SPLIT, "
@@ -118,7 +134,10 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, Path | None, dict[
 def main(args: argparse.Namespace) -> int:
     try:
         cfg, checkpoint, state_dict = resolve_config(args)
+        if args.benchmark:
+            cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, benchmarks=list(args.benchmark)))
         kinds = _map_kinds(args, cfg)
+        cue_kinds = _cue_map_kinds(args, cfg, kinds)
         splits = args.split or [cfg.eval.split]
         if args.overlays < 0:
             raise ConfigError(f"--overlays must be >= 0, got {args.overlays}")
@@ -129,7 +148,7 @@ def main(args: argparse.Namespace) -> int:
 
     world = init_world(cfg.dist.timeout_minutes)
     try:
-        return _run(args, cfg, checkpoint, state_dict, splits, kinds, world)
+        return _run(args, cfg, checkpoint, state_dict, splits, kinds, cue_kinds, world)
     except Exception as error:
         if world.world_size == 1:
             raise
@@ -156,15 +175,29 @@ def _map_kinds(args: argparse.Namespace, cfg: Config) -> tuple[str, ...]:
     return check_map_kinds(kinds, cfg.model.method)
 
 
+def _cue_map_kinds(args: argparse.Namespace, cfg: Config, kinds: tuple[str, ...]) -> tuple[str, ...]:
+    """The map kinds cue localization scores: the asked kinds that differ between classes (not the prior)."""
+    if Benchmark.CUE not in cfg.eval.benchmarks:
+        return ()
+    if args.baseline:
+        raise ConfigError("cue localization compares the maps of two classes; class-agnostic baselines have "
+                          "one map per image: drop --baseline or the cue benchmark")
+    per_class = tuple(kind for kind in kinds if kind != MapKind.PRIOR)
+    if not per_class:
+        raise ConfigError("cue localization needs a per-class map (joint, posterior or class); the prior "
+                          "p(z | x) is the same for every class")
+    return per_class
+
+
 def _run(args, cfg: Config, checkpoint: Path | None, state_dict: dict[str, torch.Tensor] | None, splits: list[str],
-         kinds: tuple[str, ...], world) -> int:
+         kinds: tuple[str, ...], cue_kinds: tuple[str, ...], world) -> int:
     console = Console()
     if not console.is_terminal:
         console = Console(width=120)  # logs: wide enough for the results table
     share_cpu_threads(world)
     settings = EvalSettings.from_config(cfg, per_class=args.per_class, overlay_count=args.overlays,
-                                        save_maps=args.save_maps)
-    info: dict[str, Any] = {"world_size": world.world_size}
+                                        save_maps=args.save_maps, wsol=Benchmark.WSOL in cfg.eval.benchmarks)
+    info: dict[str, Any] = {"world_size": world.world_size, "benchmarks": list(cfg.eval.benchmarks)}
     num_classes = cfg.data.num_classes
     if args.baseline:
         info.update(source="baseline", baselines=list(args.baseline))
@@ -180,14 +213,17 @@ def _run(args, cfg: Config, checkpoint: Path | None, state_dict: dict[str, torch
         if args.baseline:
             source: MapFn = BaselineMaps(kinds)
         else:
-            source = ModelMaps(model, cfg.model.method, kinds, cfg.model.prior, world.device)
+            source = ModelMaps(model, cfg.model.method, kinds, cfg.model.prior, world.device, class_map_kinds=cue_kinds)
+        cue = build_cue_localization(cfg, split, cue_kinds, args.overlays) if cue_kinds else None
         loader = build_eval_loader(cfg, split, world.rank, world.world_size, world.device)
-        evaluation = evaluate_maps(source, split, loader, settings, progress=world.is_main and console.is_terminal)
+        evaluation = evaluate_maps(source, split, loader, settings, progress=world.is_main and console.is_terminal,
+                                   cue=cue)
         default_out = Path(cfg.run_dir) / ("eval-baselines" if args.baseline else "eval") / split_name
         out_dir = Path(args.out) / split_name if args.out and len(splits) > 1 else Path(args.out or default_out)
         if settings.save_maps:
             save_npz(out_dir / "maps" / f"rank{world.rank:05d}.npz", **evaluation.saved_maps)
         if world.is_main:
-            write_reports(evaluation, split, out_dir, info, settings, console=console)
+            write_reports(evaluation, split, out_dir, info, settings, console=console,
+                          cue_cumulative=cfg.eval.cue_cumulative)
             console.print(f"results: {out_dir / 'results.json'}")
     return 0

@@ -1,7 +1,9 @@
 """The evaluation job of one rank: `evaluate_maps` runs a map source over this rank's shard of a split,
 checks that the loader's samples agree with the split and that every sample is seen exactly once across
-ranks, sums the ranks' metric states and returns the numbers (identical on every rank). `evaluate_model`
-is the same for a WSOL model, as `calm-fast eval` and training's validation use it.
+ranks, feeds every benchmark from the same maps (the WSOL metrics; cue localization from the maps of
+every class: one forward pass per image for both), sums the ranks' integer states and returns the numbers
+(identical on every rank), with the cost of each benchmark. `evaluate_model` is the same for a WSOL
+model, as `calm-fast eval` and training's validation use it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from calm_fast.config import Config, effective_map_kind
 from calm_fast.console import track
 from calm_fast.data.loaders import build_eval_loader
+from calm_fast.evaluate.attribution.cue import CueLocalization
 from calm_fast.evaluate.maps import MapFn, ModelMaps
 from calm_fast.evaluate.scoring import EvalSettings, MapMetrics, all_reduce_states, as_numpy, gather_to_all
 from calm_fast.metrics import load_gt_mask, normalize_scoremaps, rescale_boxes
@@ -27,7 +30,9 @@ class Evaluation:
 
     results: map name -> the metrics of `MapMetrics.results`; state: map name -> summed integer state;
     overlays: index -> (map name -> raw map, predicted class or None), the first images of the split;
-    saved_maps: this rank's raw maps (only with settings.save_maps).
+    saved_maps: this rank's raw maps (only with settings.save_maps). cue: the summed `CueLocalization`
+    (its results, state and overlay rows from every rank), or None. cost: forward passes per image,
+    seconds and images/s, for the maps and per benchmark (`_cost`).
     """
 
     num_images: int
@@ -36,6 +41,8 @@ class Evaluation:
     overlays: dict[int, tuple[dict[str, np.ndarray], int | None]] = field(default_factory=dict)
     saved_maps: dict[str, np.ndarray] | None = None
     seconds: float = 0.0
+    cue: CueLocalization | None = None
+    cost: dict[str, Any] = field(default_factory=dict)
 
 
 def ground_truth(split, indices: np.ndarray, need_boxes: bool, need_masks: bool):
@@ -50,16 +57,18 @@ def ground_truth(split, indices: np.ndarray, need_boxes: bool, need_masks: bool)
 
 
 def evaluate_maps(map_fn: MapFn, split, loader, settings: EvalSettings = EvalSettings(),
-                  progress: bool = False) -> Evaluation:
+                  progress: bool = False, cue: CueLocalization | None = None) -> Evaluation:
     """Score the maps of `map_fn` on `split`, with this rank's shard of the samples coming from `loader`.
 
-    `loader` yields (images, labels, indices); indices address `split`. Collective when a process group
-    is initialised: every rank calls it with its own shard and all get the same summed result. Raises if a sample is missing or evaluated
-    twice across ranks, or if a loader's label disagrees with the split.
+    `loader` yields (images, labels, indices); indices address `split`. The WSOL metrics score the
+    batches' `maps` (unless settings.wsol is False); `cue`, when given, scores their `class_maps`.
+    Collective when a process group is initialised: every rank calls it with its own shard and all get
+    the same summed result. Raises if a sample is missing or evaluated twice across ranks, or if a
+    loader's label disagrees with the split.
     """
     started = time.perf_counter()
-    shard = _evaluate_shard(map_fn, split, loader, settings, progress)
-    return _combine_shards(shard, split, settings, started)
+    shard = _evaluate_shard(map_fn, split, loader, settings, progress, cue)
+    return _combine_shards(shard, split, settings, started, cue)
 
 
 @dataclass
@@ -70,24 +79,40 @@ class _Shard:
     seen: np.ndarray | None = None  # int64 [N]: how often each sample was evaluated here
     overlays: dict[int, tuple[dict[str, np.ndarray], int | None]] = field(default_factory=dict)
     saved: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    described: tuple[list[str], bool] | None = None  # (map names, whether the source classifies)
+    forward_passes: int = 0  # model inputs spent by the map source on this rank
+    seconds: dict[str, float] = field(default_factory=lambda: {"maps": 0.0, "wsol": 0.0, "cue": 0.0})
 
 
-def _evaluate_shard(map_fn: MapFn, split, loader, settings: EvalSettings, progress: bool) -> _Shard:
+def _evaluate_shard(map_fn: MapFn, split, loader, settings: EvalSettings, progress: bool,
+                    cue: CueLocalization | None) -> _Shard:
     shard = _Shard(seen=np.zeros(len(split), np.int64))
     for images, labels, indices in track(loader, "eval", progress):
         labels_np = as_numpy(labels).astype(np.int64)
         indices_np = as_numpy(indices).astype(np.int64)
         _check_batch(split, labels_np, indices_np)
         np.add.at(shard.seen, indices_np, 1)
+        clock = time.perf_counter()
         batch = map_fn(images, labels, indices)
         raw_maps = {name: as_numpy(raw) for name, raw in batch.maps.items()}
         pred = None if batch.pred_classes is None else as_numpy(batch.pred_classes).astype(np.int64)
-        if not shard.metrics:
-            shard.metrics = {name: MapMetrics(split, settings, classifies=pred is not None) for name in raw_maps}
-        # Ground truth is read once per batch and shared by every map.
-        boxes, masks = ground_truth(split, indices_np, split.boxes is not None, split.masks is not None)
-        for name, raw in raw_maps.items():
-            shard.metrics[name].update(normalize_scoremaps(raw), labels_np, pred, boxes, masks)
+        shard.forward_passes += batch.forward_passes
+        clock = _lap(shard.seconds, "maps", clock)
+        shard.described = (list(raw_maps), pred is not None)
+        if settings.wsol:
+            if not shard.metrics:
+                shard.metrics = {name: MapMetrics(split, settings, classifies=pred is not None) for name in raw_maps}
+            # Ground truth is read once per batch and shared by every map.
+            boxes, masks = ground_truth(split, indices_np, split.boxes is not None, split.masks is not None)
+            for name, raw in raw_maps.items():
+                shard.metrics[name].update(normalize_scoremaps(raw), labels_np, pred, boxes, masks)
+            clock = _lap(shard.seconds, "wsol", clock)
+        if cue is not None:
+            if batch.class_maps is None:
+                raise ValueError("cue localization needs every class's map; this map source gives only one map "
+                                 "per image (class-agnostic baselines have none)")
+            cue.update(batch.class_maps, labels_np, indices_np)
+            _lap(shard.seconds, "cue", clock)
         for row, index in enumerate(indices_np.tolist()):
             if index < settings.overlay_count:
                 shard.overlays[index] = ({name: raw[row].astype(np.float32) for name, raw in raw_maps.items()},
@@ -102,31 +127,60 @@ def _evaluate_shard(map_fn: MapFn, split, loader, settings: EvalSettings, progre
     return shard
 
 
-def _combine_shards(shard: _Shard, split, settings: EvalSettings, started: float) -> Evaluation:
+def _lap(seconds: dict[str, float], name: str, since: float) -> float:
+    now = time.perf_counter()
+    seconds[name] += now - since
+    return now
+
+
+def _combine_shards(shard: _Shard, split, settings: EvalSettings, started: float,
+                    cue: CueLocalization | None) -> Evaluation:
     """Sum the ranks' states (one all_reduce) and compute the numbers, identically on every rank."""
     # A rank whose shard was empty learns the map names and whether the source classifies from the others.
-    described = None
-    if shard.metrics:
-        described = (list(shard.metrics), next(iter(shard.metrics.values())).classifies)
-    described = next((d for d in gather_to_all(described) if d is not None), None)
+    described = next((d for d in gather_to_all(shard.described) if d is not None), None)
     if described is None:
         raise ValueError(f"{split.metadata_dir}: the loader gave no sample on any rank")
     names, classifies = described
+    names = names if settings.wsol else []
     metrics = {name: shard.metrics.get(name) or MapMetrics(split, settings, classifies) for name in names}
 
-    summed_seen, *summed = all_reduce_states([{"seen": shard.seen}] + [metrics[name].state() for name in names])
+    states = [{"seen": shard.seen, "forward_passes": np.array(shard.forward_passes, np.int64)}]
+    states += [metrics[name].state() for name in names] + ([cue.state()] if cue is not None else [])
+    summed_seen, *summed = all_reduce_states(states)
     _check_coverage(split, summed_seen["seen"])
     results, state = {}, {}
     for name, total in zip(names, summed):
         metrics[name].load_state(total)
         results[name] = metrics[name].results()
         state[name] = total
+    if cue is not None:
+        cue.load_state(summed[-1])
+        for part in gather_to_all(cue.overlays):
+            cue.overlays.update(part)
+        state["cue"] = summed[-1]
     overlays = {}
     for part in gather_to_all(shard.overlays):
         overlays.update(part)
     saved_maps = {key: np.concatenate(value) for key, value in shard.saved.items()} if settings.save_maps else None
+    cost = _cost(len(split), int(summed_seen["forward_passes"]), gather_to_all(shard.seconds), settings.wsol, cue)
     return Evaluation(num_images=len(split), results=results, state=state, overlays=overlays,
-                      saved_maps=saved_maps, seconds=time.perf_counter() - started)
+                      saved_maps=saved_maps, seconds=time.perf_counter() - started, cue=cue, cost=cost)
+
+
+def _cost(num_images: int, forward_passes: int, seconds: list[dict[str, float]], wsol: bool,
+          cue: CueLocalization | None) -> dict[str, Any]:
+    """What the evaluation cost: model inputs per image in all, and per part the seconds of the slowest
+    rank. The maps (forward passes included) are computed once and shared; a benchmark's images/s is the
+    rate it would run at alone, maps included: images / (maps + its own seconds)."""
+    slowest = {name: max(rank[name] for rank in seconds) for name in seconds[0]}
+    cost: dict[str, Any] = {"forward_passes_per_image": forward_passes / num_images,
+                            "maps_seconds": round(slowest["maps"], 3), "benchmarks": {}}
+    for name, used in (("wsol", wsol), ("cue", cue is not None)):
+        if used:
+            total = slowest["maps"] + slowest[name]
+            cost["benchmarks"][name] = {"seconds": round(slowest[name], 3), "extra_forward_passes_per_image": 0,
+                                        "images_per_second": num_images / total if total > 0 else None}
+    return cost
 
 
 def _check_batch(split, labels: np.ndarray, indices: np.ndarray) -> None:

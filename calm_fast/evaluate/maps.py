@@ -1,7 +1,8 @@
 """Map sources: what turns a batch of images into score maps for the metrics. A trained WSOL model
-(`ModelMaps`: the ground-truth class's maps of the chosen kinds and the predicted classes) and the
-class-agnostic baselines (`BaselineMaps`, from `calm_fast.evaluate.baselines`) share one interface,
-`MapFn`, so `evaluate_maps` scores them through the same metric code.
+(`ModelMaps`: the ground-truth class's maps of the chosen kinds, every class's maps for cue localization,
+and the predicted classes, all from one forward pass) and the class-agnostic baselines (`BaselineMaps`,
+from `calm_fast.evaluate.baselines`) share one interface, `MapFn`, so `evaluate_maps` scores them through
+the same metric code.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 
 from calm_fast.data.torch_loader import IMAGENET_MEAN, IMAGENET_STD
 from calm_fast.evaluate import baselines
-from calm_fast.head import attribution_map, class_log_probs
+from calm_fast.head import all_class_maps, attribution_map, class_log_probs
 from calm_fast.models.wsol import check_method
 from calm_fast.modes import CAM_MAPS_ONLY, Baseline, MapKind, Method, choices, map_kinds_of
 
@@ -28,10 +29,14 @@ class MapBatch:
     maps: map name -> [B, h, w] scores (any float dtype, numpy or torch, any resolution: they are
     resized to 224×224 and normalised by the metric pipeline). pred_classes: [B] predicted classes, or
     None for a source that does not classify (then top-1 localization and accuracy are not reported).
+    class_maps: map name -> [B, K, h, w], every class's map (for cue localization), or None.
+    forward_passes: the model inputs this batch cost (B for one pass per image, 0 for baselines).
     """
 
     maps: dict[str, np.ndarray | torch.Tensor]
     pred_classes: np.ndarray | torch.Tensor | None = None
+    class_maps: dict[str, torch.Tensor] | None = None
+    forward_passes: int = 0
 
 
 # map_fn(images [B,3,S,S] as the loader gives them, labels [B], indices [B]) -> MapBatch
@@ -42,14 +47,20 @@ class ModelMaps:
     """A WSOL model as a map source: the GT-class maps of the chosen kinds and the predicted classes.
 
     The model runs in eval mode under no_grad on `device`; the head math (`class_log_probs`, fused
-    kernels on CUDA) decides the predicted class, `attribution_map` gives each map kind.
+    kernels on CUDA) decides the predicted class, `attribution_map` gives each map kind, and
+    `all_class_maps` the maps of every class for the `class_map_kinds` (kept on the device), from the
+    same forward pass.
     """
 
     def __init__(self, model: torch.nn.Module, method: str, kinds: tuple[str, ...], prior: str = "relu",
-                 device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
+                 device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+                 class_map_kinds: tuple[str, ...] = ()):
         check_method(method)
         check_map_kinds(kinds, method)
+        if class_map_kinds:
+            check_map_kinds(class_map_kinds, method)
         self.model, self.method, self.kinds, self.prior = model, method, tuple(kinds), prior
+        self.class_map_kinds = tuple(class_map_kinds)
         self.device = torch.device(device)
         self.dtype = dtype
 
@@ -61,7 +72,9 @@ class ModelMaps:
         predicted = class_log_probs(class_logits, location_scores, self.method, self.prior).argmax(dim=1)
         maps = {kind: attribution_map(class_logits, location_scores, labels, kind, self.prior).cpu()
                 for kind in self.kinds}
-        return MapBatch(maps=maps, pred_classes=predicted.cpu())
+        class_maps = {kind: all_class_maps(class_logits, location_scores, kind, self.prior)
+                      for kind in self.class_map_kinds} or None
+        return MapBatch(maps=maps, pred_classes=predicted.cpu(), class_maps=class_maps, forward_passes=len(images))
 
 
 def check_map_kinds(kinds, method: str) -> tuple[MapKind, ...]:

@@ -1,7 +1,8 @@
-"""The files of one evaluated split, written by rank 0: results.json (every number, curves included),
-metric_state.npz (the summed integer state), BoxAcc and PR plots, the per-class CSV and plot, the
-overlay grid (image, normalised map, GT and predicted boxes), and the results table on the console.
-The drawing itself is `calm_fast.report`'s; this module decides what goes into each file.
+"""The files of one evaluated split, written by rank 0: results.json (every number, curves included, the
+cue-localization results and each benchmark's cost), metric_state.npz (the summed integer state), BoxAcc
+and PR plots, the per-class CSV and plot, the overlay grid (image, normalised map, GT and predicted
+boxes), the grid of cue maps (image, |map_y1 - map_y2|, the differing parts), and the tables on the
+console. The drawing itself is `calm_fast.report`'s; this module decides what goes into each file.
 """
 
 from __future__ import annotations
@@ -11,13 +12,16 @@ from typing import Any
 
 import cv2
 import numpy as np
+import torch
 
 from calm_fast import report
 from calm_fast.atomic import save_npz, write_json
 from calm_fast.data.images import decode_rgb
+from calm_fast.evaluate.attribution.cue import CueLocalization
 from calm_fast.evaluate.job import Evaluation, ground_truth
 from calm_fast.evaluate.scoring import V1_IOU, EvalSettings
 from calm_fast.metrics import normalize_scoremaps
+from calm_fast.metrics.cue_bins import normalize_rows_torch, resize_rows_torch
 from calm_fast.metrics.contours import contour_boxes
 from calm_fast.metrics.scoremaps import SCOREMAP_SIZE, integer_thresholds, quantize_scoremaps
 
@@ -25,21 +29,59 @@ RESULTS_FORMAT = "calm-fast-eval/1"
 
 
 def write_reports(evaluation: Evaluation, split, out_dir: Path, info: dict[str, Any], settings: EvalSettings,
-                  console=None) -> dict[str, Any]:
-    """results.json, metric_state.npz, plots, overlays and per-class files for one split (rank 0)."""
+                  console=None, cue_cumulative: bool = True) -> dict[str, Any]:
+    """results.json, metric_state.npz, plots, overlays and per-class files for one split (rank 0); with
+    cue localization also its results (and the reference's cumulative number when `cue_cumulative`) and
+    one grid of cue maps per map."""
     out_dir = Path(out_dir)
     results = {"format": RESULTS_FORMAT, **info, "dataset": split.dataset, "split": split.split,
                "num_images": evaluation.num_images, "num_classes": split.num_classes,
                "cam_curve_interval": settings.cam_curve_interval,
                "iou_thresholds": list(settings.iou_thresholds), "multi_contour": settings.multi_contour,
-               "seconds": round(evaluation.seconds, 3), "maps": evaluation.results}
+               "seconds": round(evaluation.seconds, 3), "cost": evaluation.cost, "maps": evaluation.results}
+    if evaluation.cue is not None:
+        results["cue"] = evaluation.cue.results(cumulative=cue_cumulative)
     write_json(out_dir / "results.json", results)
     save_npz(out_dir / "metric_state.npz", **{f"{name}/{key}": value for name, state in evaluation.state.items()
                                                for key, value in state.items()})
     for name, metrics in evaluation.results.items():
         _write_map_reports(out_dir, name, metrics, evaluation, split, settings)
+    if evaluation.cue is not None and evaluation.cue.overlays:
+        for name in evaluation.cue.map_names:
+            report.plot_overlay_grid(out_dir / f"cue_{name}.png", cue_overlay_items(evaluation.cue, split, name),
+                                     title=f"{split.dataset} {split.split}, |{name} y1 - {name} y2| "
+                                           "(stretched for display); differing parts outlined")
     report.print_results(results, console=console)
     return results
+
+
+def cue_overlay_items(cue: CueLocalization, split, name: str, limit: int = 12) -> list:
+    """The cue grid's cells: for the first images, one pair of each group: the image, the pair's score
+    map (resized, |.|, normalised as scored, then stretched to [0, 1] for display) and the differing
+    parts' mask, in the 224×224 frame."""
+    chosen, groups_shown = [], set()
+    for index, pair in sorted(cue.overlays):
+        group = int(cue.truth.pairs.groups[pair])
+        if (index, group) not in groups_shown and len(chosen) < limit:
+            groups_shown.add((index, group))
+            chosen.append((index, pair))
+    items = []
+    for index, pair in chosen:
+        raw = torch.from_numpy(cue.overlays[(index, pair)][name])[None]
+        scores = normalize_rows_torch(resize_rows_torch(raw, SCOREMAP_SIZE, SCOREMAP_SIZE), cue.normalization[name])[0]
+        scores = scores.numpy().astype(np.float64)
+        spread = scores.max() - scores.min()
+        display = (scores - scores.min()) / spread if spread > 0 else np.zeros_like(scores)
+        labels, _ = cue.truth.label_maps([index])
+        mask = ((int(cue.truth.pairs.differing[pair]) >> np.minimum(labels[0], 62).astype(np.int64)) & 1)
+        mask = np.where(labels[0] < 63, mask, 0).astype(np.uint8)
+        image = cv2.resize(np.asarray(decode_rgb(split.image_path(index))), (SCOREMAP_SIZE, SCOREMAP_SIZE),
+                           interpolation=cv2.INTER_LINEAR)
+        first, second = cue.truth.pairs.class_pairs[pair].tolist()
+        parts = "+".join(cue.truth.pairs.differing_names(pair))
+        items.append(report.OverlayItem(image=image, scoremap=display, gt_mask=mask,
+                                        title=f"#{index} y={int(split.labels[index])}: {first} vs {second} ({parts})"))
+    return items
 
 
 def _write_map_reports(out_dir: Path, name: str, metrics: dict, evaluation: Evaluation, split,

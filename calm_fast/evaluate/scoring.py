@@ -29,6 +29,7 @@ class EvalSettings:
     per_class: bool = True  # keep one metric state per class (the per-class breakdown)
     overlay_count: int = 0  # keep the maps of the split's first n images for the overlay grid
     save_maps: bool = False  # keep every raw map of this rank (for maps/rank<r>.npz)
+    wsol: bool = True  # the WSOL metrics; False when only other benchmarks (cue localization) are asked for
 
     def __post_init__(self):
         if not 0.0 < self.cam_curve_interval < 1.0:

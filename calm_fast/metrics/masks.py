@@ -122,16 +122,24 @@ class PixelAP:
         """`pxap` (percent), `precision` and `recall` [T+2] (index 0: score ≥ 2, 1: ≥ 1.0, then down the
         grid to ≥ 0), `thresholds`. A right-endpoint step sum from recall 0; NaN precisions are skipped.
         Raises RuntimeError if the set has no positive pixel, as the reference does."""
-        positive = self.positive_hist.astype(np.float64)
-        negative = self.negative_hist.astype(np.float64)
-        tp = positive[::-1].cumsum()
-        fp = negative[::-1].cumsum()
-        fn = positive.sum() - tp
-        if ((tp + fn) <= 0).all():
-            raise RuntimeError("No positive ground truth in the eval set.")
-        with np.errstate(invalid="ignore", divide="ignore"):
-            precision = tp / (tp + fp)
-            recall = tp / (tp + fn)
-        terms = precision[1:] * np.diff(recall)
-        return {"pxap": float(terms[~np.isnan(terms)].sum() * 100), "precision": precision, "recall": recall,
-                "thresholds": self.thresholds.copy()}
+        return {**pxap_from_histograms(self.positive_hist, self.negative_hist), "thresholds": self.thresholds.copy()}
+
+
+def pxap_from_histograms(positive_hist: np.ndarray, negative_hist: np.ndarray) -> dict:
+    """PxAP of ascending score histograms of positive and negative pixels (METRICS.md §4).
+
+    Returns `pxap` (percent), `precision` and `recall` (from the top bin down: index j counts the pixels
+    of the top j + 1 bins). Raises RuntimeError when there is no positive pixel, as the reference does.
+    """
+    positive = np.asarray(positive_hist, np.float64)
+    negative = np.asarray(negative_hist, np.float64)
+    tp = positive[::-1].cumsum()
+    fp = negative[::-1].cumsum()
+    fn = positive.sum() - tp
+    if ((tp + fn) <= 0).all():
+        raise RuntimeError("No positive ground truth in the eval set.")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = tp / (tp + fp)
+        recall = tp / (tp + fn)
+    terms = precision[1:] * np.diff(recall)
+    return {"pxap": float(terms[~np.isnan(terms)].sum() * 100), "precision": precision, "recall": recall}

@@ -1,0 +1,222 @@
+"""Cue localization (CALM.md §4): every test image's class maps, paired into |map_y1 - map_y2|, and scored.
+
+One forward pass per image gives the maps of all K classes, so the pairs cost no extra pass: an image of
+class y takes part in every evaluated pair (y, y'), and each such (image, pair) is a row. A row's raw map is
+the difference of the two class maps at the model's resolution, gathered on the maps' device. The binning
+step (`calm_fast.metrics.cue_bins`) resizes it bilinearly to 224 x 224 (the difference is taken before the
+resize, as the reference does), takes |.|, normalises it and counts its pixels against the pair's
+differing-part mask into the per-pair integer histograms of `CuePixelAP`: one fused numba kernel on the
+host, torch ops on a GPU, bit-identical. Rows of images in which none of the pair's differing parts is
+visible are skipped and counted. Everything kept is integer counts, merged exactly across ranks.
+`build_cue_localization` sets the benchmark up from the `[eval]` config and the dataset's ground truth.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from calm_fast.config import Config
+from calm_fast.data.cub_parts import CubCueTruth
+from calm_fast.data.cue_truth import CueTruth, SyntheticCueTruth
+from calm_fast.data.metadata import WSOLSplit
+from calm_fast.metrics.cue import CuePixelAP
+from calm_fast.metrics.cue_bins import NORMALIZATIONS, ThresholdGrid, bin_rows, bin_rows_torch
+from calm_fast.modes import CueNormalization
+
+# Probability maps are in [0, 1] already: the reference's CALM command only clips ("clipping"). Class
+# logits (the CAM map) are not, so their differences are min-max normalised per row.
+DEFAULT_NORMALIZATION = {"joint": "clip", "posterior": "clip", "class": "minmax"}
+HISTOGRAM_BACKENDS = ("auto", "numba", "torch")
+
+
+def default_normalization(map_name: str) -> str:
+    """The normalisation of a map's differences: "clip" for CALM's probability maps, else "minmax"."""
+    return DEFAULT_NORMALIZATION.get(map_name, "minmax")
+
+
+def cue_truth_for(cfg: Config, split: WSOLSplit) -> CueTruth:
+    """The split's cue ground truth: synthetic sets by their synthetic.json, CUB by its extras (eval.cub_root,
+    default <data.root>/CUB; eval.cub_segmentation_root, default <cub_root>/segmentations)."""
+    if (split.metadata_dir.parent / "synthetic.json").is_file():
+        return SyntheticCueTruth(split)
+    if split.dataset == "CUB":
+        cub_root = Path(cfg.eval.cub_root or Path(cfg.data.root) / "CUB")
+        return CubCueTruth(cub_root, split, cfg.eval.cub_segmentation_root or None)
+    raise ValueError(f"cue localization needs part ground truth: a synthetic dataset (synthetic.json beside "
+                     f"{split.metadata_dir}) or CUB with its parts and attributes; {split.dataset!r} has neither")
+
+
+def build_cue_localization(cfg: Config, split: WSOLSplit, map_names: Sequence[str], overlay_count: int = 0,
+                           truth: CueTruth | None = None) -> "CueLocalization":
+    """The cue benchmark of `[eval]`: grid eval.cue_grid / eval.cue_curve_interval, normalisation
+    eval.cue_normalization ("auto": `default_normalization` per map)."""
+    mode = CueNormalization(cfg.eval.cue_normalization)
+    return CueLocalization(truth or cue_truth_for(cfg, split), map_names,
+                           grid=ThresholdGrid(cfg.eval.cue_grid, cfg.eval.cue_curve_interval),
+                           normalization=None if mode == CueNormalization.AUTO else mode.value,
+                           overlay_count=overlay_count)
+
+
+class CueLocalization:
+    """The cue-localization state of one or more map sources over (this rank's shard of) a test split.
+
+    truth: the dataset's pairs and label maps (`SyntheticCueTruth`, `CubCueTruth`). map_names: the maps
+    to score, each given per batch for all K classes. normalization: one name for all maps, or per map
+    name (default `default_normalization`). grid: the threshold grid (default: the reference's log grid).
+    chunk_rows bounds the rows resized and binned at once (memory). histogram: "numba" (host kernel),
+    "torch" (ops on the maps' device), or "auto" (torch for CUDA maps, else numba). overlay_count: keep
+    the raw rows of the split's first n images (`overlays`: (index, pair) -> map name -> float32 [h, w])
+    for the report's grid of cue maps.
+    """
+
+    def __init__(self, truth: CueTruth, map_names: Sequence[str], grid: ThresholdGrid | None = None,
+                 normalization: str | Mapping[str, str] | None = None, chunk_rows: int = 64,
+                 histogram: str = "auto", overlay_count: int = 0):
+        if not map_names:
+            raise ValueError("no map to score for cue localization")
+        if histogram not in HISTOGRAM_BACKENDS:
+            raise ValueError(f"histogram={histogram!r}: expected one of {', '.join(HISTOGRAM_BACKENDS)}")
+        if chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+        if len(truth.pairs) == 0:
+            raise ValueError(f"{truth.description}: no class pair differs in the evaluated numbers of parts")
+        self.truth = truth
+        self.grid = grid or ThresholdGrid()
+        self.map_names = tuple(map_names)
+        if normalization is None or isinstance(normalization, str):
+            self.normalization = {name: normalization or default_normalization(name) for name in self.map_names}
+        else:
+            self.normalization = {name: normalization.get(name, default_normalization(name)) for name in self.map_names}
+        for name, mode in self.normalization.items():
+            if mode not in NORMALIZATIONS or mode == "none":
+                raise ValueError(f"normalization of map {name!r}: {mode!r}; expected one of "
+                                 f"{', '.join(m for m in NORMALIZATIONS if m != 'none')}")
+        self.chunk_rows = chunk_rows
+        self.histogram = histogram
+        self.overlay_count = overlay_count
+        self.overlays: dict[tuple[int, int], dict[str, np.ndarray]] = {}
+        self.metrics = {name: CuePixelAP(truth.pairs.groups, self.grid) for name in self.map_names}
+        self._pairs_of_class = truth.pairs.pairs_of_class()
+        self._class_pairs = truth.pairs.class_pairs
+        self._differing = truth.pairs.differing
+
+    def rows(self, labels: np.ndarray, visible: np.ndarray) -> tuple[np.ndarray, ...]:
+        """(row image, row pair, own class, other class, scored) for a batch: one row per (image, pair of
+        its class); `scored` is False where none of the pair's differing parts is visible in the image."""
+        table = self._pairs_of_class[labels]  # [B, M], -1 padded
+        image, slot = np.nonzero(table >= 0)
+        pair = table[image, slot]
+        own = labels[image]
+        other = self._class_pairs[pair].sum(axis=1) - own
+        scored = (visible[image] & self._differing[pair]) != 0
+        return image, pair, own, other, scored
+
+    def needed_classes(self, labels) -> np.ndarray:
+        """bool [B, K]: the classes whose maps `update` reads for images of these labels (the image's own
+        class and its pair partners); a source that pays per class (gradients) may compute only these."""
+        labels_np = _numpy_int(labels)
+        table = self._pairs_of_class[labels_np]
+        needed = np.zeros((len(labels_np), self.truth.pairs.num_classes), bool)
+        rows, slots = np.nonzero(table >= 0)
+        needed[rows, self._class_pairs[table[rows, slots]].T] = True
+        needed[np.arange(len(labels_np)), labels_np] = True
+        return needed
+
+    def update(self, maps: Mapping[str, torch.Tensor], labels, indices) -> None:
+        """Add a batch: maps name -> [B, K, h, w] (every class's map, or at least those of
+        `needed_classes`; any float dtype and device), the images' labels [B] and split indices [B] (which
+        address the truth's label maps)."""
+        missing = [name for name in self.map_names if name not in maps]
+        if missing:
+            raise KeyError(f"cue localization needs the maps {missing}; got {sorted(maps)}")
+        labels_np = _numpy_int(labels)
+        indices_np = _numpy_int(indices)
+        label_maps, visible = self.truth.label_maps(indices_np)
+        image, pair, own, other, scored = self.rows(labels_np, visible)
+        for metric in self.metrics.values():
+            metric.add_skipped(pair[~scored])
+        image, pair, own, other = image[scored], pair[scored], own[scored], other[scored]
+        first = np.minimum(own, other)  # y1 - y2 with y1 < y2, as the reference takes it
+        second = np.maximum(own, other)
+        for name in self.map_names:
+            self._score(name, maps[name], label_maps, image, pair, first, second)
+        for row in np.flatnonzero(indices_np[image] < self.overlay_count):
+            key = (int(indices_np[image[row]]), int(pair[row]))
+            self.overlays[key] = {name: (maps[name][image[row], first[row]].float()
+                                         - maps[name][image[row], second[row]].float()).cpu().numpy()
+                                  for name in self.map_names}
+
+    def _score(self, name: str, class_maps: torch.Tensor, label_maps: np.ndarray, image: np.ndarray,
+               pair: np.ndarray, first: np.ndarray, second: np.ndarray) -> None:
+        if class_maps.dim() != 4 or class_maps.shape[1] != self.truth.pairs.num_classes:
+            raise ValueError(f"map {name!r} must be [B, K={self.truth.pairs.num_classes}, h, w] (every class), "
+                             f"got {tuple(class_maps.shape)}")
+        device = class_maps.device
+        use_torch = self.histogram == "torch" or (self.histogram == "auto" and device.type == "cuda")
+        labels_on_device = torch.from_numpy(label_maps).to(device) if use_torch else None
+        bits = self._differing[pair]
+        mode = self.normalization[name]
+        metric = self.metrics[name]
+        flat = class_maps.flatten(0, 1)  # [B * K, h, w]: index_select, not slow multi-tensor indexing
+        classes = class_maps.shape[1]
+        for lo in range(0, len(pair), self.chunk_rows):
+            part = slice(lo, lo + self.chunk_rows)
+            rows_image = torch.from_numpy(image[part]).to(device)
+            low = flat.index_select(0, torch.from_numpy(image[part] * classes + first[part]).to(device))
+            high = flat.index_select(0, torch.from_numpy(image[part] * classes + second[part]).to(device))
+            values = low.float() - high.float()  # at the model's resolution: resized while binning
+            if use_torch:
+                counts = bin_rows_torch(values, labels_on_device, rows_image, torch.from_numpy(bits[part]).to(device),
+                                        self.grid, mode)
+            else:
+                counts = bin_rows(values.cpu().numpy(), label_maps, image[part], bits[part], self.grid, mode)
+            metric.add_rows(counts, pair[part])
+
+    # -- state: named int64 arrays, the same on every rank
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {f"{name}/{key}": value for name, metric in self.metrics.items()
+                for key, value in metric.state_dict().items()}
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        for name, metric in self.metrics.items():
+            prefix = f"{name}/"
+            metric.load_state_dict({key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)})
+
+    def merge(self, other: "CueLocalization") -> "CueLocalization":
+        for name, metric in self.metrics.items():
+            metric.merge(other.metrics[name])
+        return self
+
+    # -- numbers
+
+    def results(self, cumulative: bool = False) -> dict[str, Any]:
+        """Per map name: `CuePixelAP.compute()` (fresh accumulator per pair) with each pair's classes and
+        differing parts, its normalisation, and with cumulative=True also `cumulative`: the reference's
+        never-reset number, labelled as such. Plus the ground truth's description, its checks (CUB: the
+        pair counts against the published ones) and the pairs per number of differing parts."""
+        pairs = self.truth.pairs
+        out: dict[str, Any] = {"truth": self.truth.description, "checks": list(self.truth.checks),
+                               "group_counts": {str(g): c for g, c in sorted(pairs.group_counts.items())},
+                               "maps": {}}
+        for name, metric in self.metrics.items():
+            computed = metric.compute()
+            for p, row in enumerate(computed["pairs"]):
+                row.update(classes=pairs.class_pairs[p].tolist(), differing=pairs.differing_names(p))
+            computed["normalization"] = self.normalization[name]
+            if cumulative:
+                reference = metric.compute(cumulative=True)
+                computed["cumulative"] = {key: reference[key] for key in ("accumulator", "groups", "mean_pxap")}
+            out["maps"][name] = computed
+        return out
+
+
+def _numpy_int(values) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    return np.asarray(values).astype(np.int64, copy=False)
