@@ -30,6 +30,11 @@ def environment() -> dict[str, str]:
     return env
 
 
+def eval_config(run_dir: Path, data_root: Path, loader: str) -> str:
+    return (f"run_dir = {json.dumps(str(run_dir))}\n[data]\nroot = {json.dumps(str(data_root))}\n"
+            f'dataset = "SYNTH"\ninput_size = 32\nworkers = 1\neval_loader = "{loader}"\n[eval]\nsplit = "test"\n')
+
+
 def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=cwd, env=environment(), capture_output=True, text=True, timeout=TIMEOUT_S)
 
@@ -98,8 +103,7 @@ def test_repairs_show_in_the_convert_table_the_sidecar_and_results_json(repaired
     assert "up to date" in row and "box_clipped_1px: 1" in row and "truncated_filled: 1" in row
 
     config = tmp_path / "eval.toml"
-    config.write_text(f'run_dir = {json.dumps(str(tmp_path / "run"))}\n[data]\nroot = {json.dumps(str(repaired_root))}\n'
-                      'dataset = "SYNTH"\ninput_size = 32\nworkers = 1\neval_loader = "ffcv"\n[eval]\nsplit = "test"\n')
+    config.write_text(eval_config(tmp_path / "run", repaired_root, "ffcv"))
     out = tmp_path / "out"
     result = run(CLI + ["eval", "--config", str(config), "--baseline", "centre-gaussian", "--out", str(out),
                         "--overlays", "4"], cwd=tmp_path)
@@ -114,8 +118,7 @@ def test_repairs_show_in_the_convert_table_the_sidecar_and_results_json(repaired
 
 def test_the_torch_loader_names_a_truncated_image_in_one_line(repaired_root, tmp_path):
     config = tmp_path / "eval.toml"
-    config.write_text(f'run_dir = {json.dumps(str(tmp_path / "run"))}\n[data]\nroot = {json.dumps(str(repaired_root))}\n'
-                      'dataset = "SYNTH"\ninput_size = 32\nworkers = 1\neval_loader = "torch"\n[eval]\nsplit = "test"\n')
+    config.write_text(eval_config(tmp_path / "run", repaired_root, "torch"))
     result = run(CLI + ["eval", "--config", str(config), "--baseline", "centre-gaussian", "--out",
                         str(tmp_path / "out"), "--overlays", "0"], cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]

@@ -118,7 +118,8 @@ def _evaluate_shard(map_fn: MapFn, split, loader, settings: EvalSettings, progre
         for row, index in enumerate(indices_np.tolist()):
             if index < settings.overlay_count:
                 shard.overlays[index] = ({name: raw[row].astype(np.float32) for name, raw in raw_maps.items()},
-                                         None if pred is None else int(pred[row]), images_to_uint8(images[row:row + 1])[0])
+                                         None if pred is None else int(pred[row]),
+                                         images_to_uint8(images[row:row + 1])[0])
         if settings.save_maps:
             kept = {f"map_{name}": raw.astype(np.float32) for name, raw in raw_maps.items()}
             kept.update(indices=indices_np, labels=labels_np)

@@ -37,9 +37,9 @@ import torch
 from calm_fast.atomic import atomic_torch_save, atomic_write_text
 from calm_fast.config import Config, config_to_dict, save_config
 from calm_fast.distributed import World, all_reduce_sum, barrier
-from calm_fast.models.weights import (CONFIG_FILE, DEEPSPEED_TAG, EXPORT_FORMAT, MANIFEST_FORMAT, STEP_DIR, checkpoint_root,
-                                      consolidate, is_manifest, list_checkpoints, manifest_name, newest_verified,
-                                      sha256_of, step_dir_name)
+from calm_fast.models.weights import (CONFIG_FILE, DEEPSPEED_TAG, EXPORT_FORMAT, MANIFEST_FORMAT, STEP_DIR,
+                                      checkpoint_root, consolidate, is_manifest, list_checkpoints, manifest_name,
+                                      newest_verified, sha256_of, step_dir_name)
 from calm_fast.safe_load import check_torch_files, safe_torch_load
 
 
