@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from calm_fast.atomic import atomic_write_text
+from calm_fast.errors import UserError
 from calm_fast.modes import (
     CAM_MAPS_ONLY,
     Benchmark,
@@ -42,7 +43,7 @@ from calm_fast.modes import (
 ZERO_STAGES = (1, 2)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override is malformed; the message names the file or override and the key."""
 
 

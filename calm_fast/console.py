@@ -5,6 +5,8 @@ stderr as `calm-fast COMMAND: message` instead of a traceback.
 
 from __future__ import annotations
 
+import os
+import re
 import sys
 from typing import Iterable, Iterator, TypeVar
 
@@ -13,6 +15,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 T = TypeVar("T")
 
 USAGE_ERROR = 2  # the exit status of a command stopped by a user error
+
+# torch's DataLoader re-raises a worker's exception with the worker's traceback in the message.
+_WRAPPED_TRACEBACK = re.compile(r"Original Traceback \(most recent call last\):")
 
 
 def progress_bar(label: str, *, status: bool = False, transient: bool = False) -> Progress:
@@ -37,6 +42,17 @@ def track(iterable: Iterable[T], label: str, enabled: bool = True) -> Iterator[T
 
 
 def user_error(command: str, error: BaseException | str) -> int:
-    """Print `calm-fast COMMAND: error` on one line to stderr; return the usage-error exit status."""
-    print(f"calm-fast {command}: {error}", file=sys.stderr)
+    """Print `calm-fast COMMAND: error` on one line to stderr (`calm-fast COMMAND (rank R): ...` under a
+    multi-process launcher); return the usage-error exit status."""
+    rank = f" (rank {os.environ.get('RANK', '?')})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    print(f"calm-fast {command}{rank}: {one_line(error)}", file=sys.stderr, flush=True)
     return USAGE_ERROR
+
+
+def one_line(error: BaseException | str) -> str:
+    """The message of `error` as one line (a DataLoader worker's traceback reduced to its last line)."""
+    text = str(error)
+    if isinstance(error, BaseException) and _WRAPPED_TRACEBACK.search(text):
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = re.sub(rf"^([\w.]+\.)?{type(error).__name__}: ", "", last.strip())
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())

@@ -94,6 +94,11 @@ def results_table(results: dict, title: str | None = None):
         if any_mask:
             row.append(_fmt((metrics.get("mask") or {}).get("pxap")))
         table.add_row(*row)
+    repairs = results.get("repairs") or {}
+    counted = [f"{kind} {count}" for source in ("metadata", "images")
+               for kind, count in (repairs.get(source) or {}).items()]
+    if counted:
+        table.caption = "data repaired (counted): " + ", ".join(counted)
     return table
 
 

@@ -9,7 +9,8 @@ first decoded at a reduced DCT scale where that stays above the target). The loa
 image to a square when loading (aspect not kept), so one file serves every input size and both
 training recipes, and box rescaling needs only the original sizes from the metadata.
 
-Real-data problems (DATA.md), each counted in the summary and in the JSON sidecar next to the .beton:
+Real-data problems (DATA.md), each counted in the summary table and in the JSON sidecar next to the
+.beton (``repairs``; the metadata reader's own, such as a box clipped by one pixel, in ``metadata_repairs``):
   grayscale, CMYK, palette, alpha  converted to RGB as PIL's convert("RGB") does (the reference's and
                                    the torch loader's view)
   PNG (or other) named .jpg        decoded by its content
@@ -56,6 +57,7 @@ from calm_fast.data.metadata import (
     read_split,
 )
 from calm_fast.distributed import usable_cores
+from calm_fast.errors import UserError
 from calm_fast.modes import WriteMode, choices
 
 __all__ = [
@@ -75,7 +77,7 @@ __all__ = [
 SIDECAR_FORMAT = 1
 
 
-class ConversionError(RuntimeError):
+class ConversionError(UserError, RuntimeError):
     """A conversion that stopped; no .beton was written. The message names the first bad file."""
 
 
@@ -108,7 +110,8 @@ class ConvertOptions:
 
 @dataclass
 class ConversionSummary:
-    """What a conversion wrote; ``repairs`` counts images per kind of repair (module docstring)."""
+    """What a conversion wrote; ``repairs`` counts images per kind of repair (module docstring),
+    ``metadata_repairs`` the metadata reader's (``WSOLSplit.repairs``)."""
 
     beton_path: Path
     num_images: int
@@ -116,6 +119,7 @@ class ConversionSummary:
     file_bytes: int
     repairs: dict[str, int]
     skipped: bool = False  # ensure_beton found an up-to-date file and wrote nothing
+    metadata_repairs: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 class _SplitImages:
@@ -403,11 +407,13 @@ def convert_split(
         "fingerprint": _fingerprint(split),
         "options": dataclasses.asdict(options),
         "repairs": repairs,
+        "metadata_repairs": dict(split.repairs),
         "seconds": round(seconds, 3),
         "fields": ["image", "label", "index"],
     }
     write_json(sidecar_path(beton_path), info)
-    return ConversionSummary(beton_path, len(split), seconds, beton_path.stat().st_size, repairs)
+    return ConversionSummary(beton_path, len(split), seconds, beton_path.stat().st_size, repairs,
+                             metadata_repairs=dict(split.repairs))
 
 
 def _release_shared_memory(writer) -> None:
@@ -446,7 +452,7 @@ def ensure_beton(
     if is_up_to_date(split, beton_path, options):
         info = read_beton_info(beton_path)
         return ConversionSummary(beton_path, len(split), 0.0, beton_path.stat().st_size,
-                                 dict(info.get("repairs", {})), skipped=True)
+                                 dict(info.get("repairs", {})), skipped=True, metadata_repairs=dict(split.repairs))
     return convert_split(split, beton_path, options, num_workers)
 
 
@@ -509,7 +515,8 @@ def main(args: argparse.Namespace) -> int:
     for column in ("split", "images", "file", "MiB", "seconds", "images/s", "repairs"):
         table.add_column(column)
     for split_name, summary in summaries:
-        repairs = ", ".join(f"{kind}: {count}" for kind, count in summary.repairs.items()) or "none"
+        counted = {**summary.metadata_repairs, **summary.repairs}
+        repairs = ", ".join(f"{kind}: {count}" for kind, count in counted.items()) or "none"
         rate = f"{summary.num_images / summary.seconds:.0f}" if summary.seconds > 0 else "-"
         table.add_row(split_name, str(summary.num_images), str(summary.beton_path),
                       f"{summary.file_bytes / 2**20:.1f}",

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from calm_fast.errors import InputFileError, UserError
+
 __all__ = ["ImageProblem", "MAX_STORED_SIDE", "decode_rgb", "load_for_storage"]
 
 # FFCV stores width and height as uint16.
@@ -24,7 +26,7 @@ _CONVERTIBLE_MODES = {"1", "L", "LA", "La", "P", "PA", "RGBA", "RGBa", "RGBX", "
 _EXIF_ORIENTATION = 0x0112
 
 
-class ImageProblem(ValueError):
+class ImageProblem(UserError, ValueError):
     """An image that cannot be stored faithfully; the message names the file."""
 
 
@@ -38,7 +40,7 @@ def decode_rgb(path) -> Image.Image:
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: image file not found") from None
     except Exception as error:  # PIL raises OSError, SyntaxError, ValueError ... for broken files
-        raise OSError(f"{path}: cannot decode image ({type(error).__name__}: {error})") from None
+        raise InputFileError(f"{path}: cannot decode image ({type(error).__name__}: {error})") from None
 
 
 def load_for_storage(path: str | Path, max_resolution: int | None = None,

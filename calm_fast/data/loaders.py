@@ -149,6 +149,15 @@ def loader_kind(cfg: Config, split, key: str = "data.loader") -> tuple[str, Path
     return resolve_loader_kind(setting, [beton], key), beton
 
 
+def data_repairs(cfg: Config, split) -> dict:
+    """{"loader": the kind `build_eval_loader` picks, "repairs": {"metadata": the reader's counts, "images":
+    the converter's counts from the .beton sidecar (FFCV), or None: the torch loader converts image modes
+    the same way but does not count}}, for results.json."""
+    kind, beton = loader_kind(cfg, split, "data.eval_loader")
+    images = dict((read_beton_info(beton) or {}).get("repairs", {})) if kind == "ffcv" else None
+    return {"loader": kind, "repairs": {"metadata": dict(split.repairs), "images": images}}
+
+
 def _beton_matches(split, beton: Path) -> bool:
     """The .beton's sidecar says it was converted from this split's current metadata."""
     info = read_beton_info(beton)
@@ -176,7 +185,7 @@ def resolve_loader_kind(kind: str, beton_paths: list[str | Path], key: str = "da
     if kind == "auto":
         return "ffcv" if ffcv_available() and not missing else "torch"
     if not ffcv_available():
-        raise RuntimeError(f"{key}='ffcv' but FFCV does not import "
+        raise ConfigError(f"{key}='ffcv' but FFCV does not import "
                            "(pip install ffcv; it needs libturbojpeg and OpenCV)")
     if missing:
         raise FileNotFoundError(f"{key}='ffcv' but {missing[0]} does not exist: run `calm-fast convert` first")

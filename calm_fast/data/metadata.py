@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from calm_fast.errors import UserError
+
 __all__ = [
     "MetadataError",
     "MaskEntry",
@@ -51,7 +53,7 @@ _IMAGE_ROOTS = {
 }
 
 
-class MetadataError(ValueError):
+class MetadataError(UserError, ValueError):
     """A metadata file or an image it names is missing or malformed; the message names file and line."""
 
 
@@ -163,10 +165,15 @@ def _read_lines(path: Path, required: bool = True) -> list[str] | None:
         if required:
             raise MetadataError(f"{path}: required metadata file is missing")
         return None
+    data = path.read_bytes()
     try:
-        text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark is not part of the first path
+        text = data.decode("utf-8-sig")  # -sig: a byte-order mark is not part of the first path
     except UnicodeDecodeError as error:
-        raise MetadataError(f"{path}: not UTF-8 text ({error})") from None
+        decoded = error.object  # the bytes after a byte-order mark: error.start counts from there
+        line_no = decoded.count(b"\n", 0, error.start) + 1
+        column = error.start - (decoded.rfind(b"\n", 0, error.start) + 1) + 1
+        raise MetadataError(f"{path}:{line_no}: not UTF-8 text (byte 0x{decoded[error.start]:02x} at column "
+                            f"{column}: {error.reason})") from None
     lines = text.splitlines()
     # A trailing empty line is harmless; an empty line inside the file is an error found by the callers.
     while lines and not lines[-1].strip():

@@ -64,10 +64,10 @@ from rich.console import Console
 
 from calm_fast.atomic import save_npz
 from calm_fast.config import Config, ConfigError, effective_map_kind, load_config, with_overrides
-from calm_fast.console import user_error
-from calm_fast.data.loaders import build_eval_loader
+from calm_fast.data.loaders import build_eval_loader, data_repairs
 from calm_fast.data.splits import read_configured_split
 from calm_fast.distributed import init_world, share_cpu_threads, shutdown_world
+from calm_fast.errors import is_user_error
 from calm_fast.evaluate.attribution.cue import build_cue_localization
 from calm_fast.evaluate.job import evaluate_maps
 from calm_fast.evaluate.maps import BASELINES, BaselineMaps, MapFn, ModelMaps, check_map_kinds
@@ -132,25 +132,23 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, Path | None, dict[
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        cfg, checkpoint, state_dict = resolve_config(args)
-        if args.benchmark:
-            cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, benchmarks=list(args.benchmark)))
-        kinds = _map_kinds(args, cfg)
-        cue_kinds = _cue_map_kinds(args, cfg, kinds)
-        splits = args.split or [cfg.eval.split]
-        if args.overlays < 0:
-            raise ConfigError(f"--overlays must be >= 0, got {args.overlays}")
-    except (ConfigError, ValueError, FileNotFoundError) as error:
-        return user_error("eval", error)
+    """Errors the user can fix propagate to calm_fast.cli, which prints them as one line."""
+    cfg, checkpoint, state_dict = resolve_config(args)
+    if args.benchmark:
+        cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, benchmarks=list(args.benchmark)))
+    kinds = _map_kinds(args, cfg)
+    cue_kinds = _cue_map_kinds(args, cfg, kinds)
+    splits = args.split or [cfg.eval.split]
+    if args.overlays < 0:
+        raise ConfigError(f"--overlays must be >= 0, got {args.overlays}")
     if checkpoint is None and not args.baseline:
-        return user_error("eval", "nothing to evaluate: pass --checkpoint, --run or --baseline")
+        raise ConfigError("nothing to evaluate: pass --checkpoint, --run or --baseline")
 
     world = init_world(cfg.dist.timeout_minutes)
     try:
         return _run(args, cfg, checkpoint, state_dict, splits, kinds, cue_kinds, world)
     except Exception as error:
-        if world.world_size == 1:
+        if world.world_size == 1 or is_user_error(error):
             raise
         traceback.print_exc()
         print(f"[calm-fast] eval rank {world.rank} failed: {type(error).__name__}: {error}", file=sys.stderr,
@@ -205,7 +203,7 @@ def _run(args, cfg: Config, checkpoint: Path | None, state_dict: dict[str, torch
         if state_dict is None:
             state_dict, _ = load_weights(checkpoint)
         num_classes = num_classes or num_classes_of(state_dict, checkpoint)
-        model = build_model_from(cfg, num_classes, state_dict).to(world.device).eval()
+        model = build_model_from(cfg, num_classes, state_dict, checkpoint).to(world.device).eval()
         info.update(source="model", checkpoint=str(checkpoint), backbone=cfg.model.backbone,
                     method=cfg.model.method, prior=cfg.model.prior)
     for split_name in splits:
@@ -216,6 +214,7 @@ def _run(args, cfg: Config, checkpoint: Path | None, state_dict: dict[str, torch
             source = ModelMaps(model, cfg.model.method, kinds, cfg.model.prior, world.device, class_map_kinds=cue_kinds)
         cue = build_cue_localization(cfg, split, cue_kinds, args.overlays) if cue_kinds else None
         loader = build_eval_loader(cfg, split, world.rank, world.world_size, world.device)
+        split_info = {**info, **data_repairs(cfg, split)}
         evaluation = evaluate_maps(source, split, loader, settings, progress=world.is_main and console.is_terminal,
                                    cue=cue)
         default_out = Path(cfg.run_dir) / ("eval-baselines" if args.baseline else "eval") / split_name
@@ -223,7 +222,7 @@ def _run(args, cfg: Config, checkpoint: Path | None, state_dict: dict[str, torch
         if settings.save_maps:
             save_npz(out_dir / "maps" / f"rank{world.rank:05d}.npz", **evaluation.saved_maps)
         if world.is_main:
-            write_reports(evaluation, split, out_dir, info, settings, console=console,
+            write_reports(evaluation, split, out_dir, split_info, settings, console=console,
                           cue_cumulative=cfg.eval.cue_cumulative)
             console.print(f"results: {out_dir / 'results.json'}")
     return 0

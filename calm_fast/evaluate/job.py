@@ -19,7 +19,7 @@ from calm_fast.config import Config, effective_map_kind
 from calm_fast.console import track
 from calm_fast.data.loaders import build_eval_loader
 from calm_fast.evaluate.attribution.cue import CueLocalization
-from calm_fast.evaluate.maps import MapFn, ModelMaps
+from calm_fast.evaluate.maps import MapFn, ModelMaps, images_to_uint8
 from calm_fast.evaluate.scoring import EvalSettings, MapMetrics, all_reduce_states, as_numpy, gather_to_all
 from calm_fast.metrics import load_gt_mask, normalize_scoremaps, rescale_boxes
 
@@ -29,7 +29,9 @@ class Evaluation:
     """What `evaluate_maps` returns (identical on every rank).
 
     results: map name -> the metrics of `MapMetrics.results`; state: map name -> summed integer state;
-    overlays: index -> (map name -> raw map, predicted class or None), the first images of the split;
+    overlays: index -> (map name -> raw map, predicted class or None, the image as the loader gave it, uint8
+    [S, S, 3]), the first images of the split (the grid never re-reads an original file: it may be one
+    that only the converter's repair made readable);
     saved_maps: this rank's raw maps (only with settings.save_maps). cue: the summed `CueLocalization`
     (its results, state and overlay rows from every rank), or None. cost: forward passes per image,
     seconds and images/s, for the maps and per benchmark (`_cost`).
@@ -38,7 +40,7 @@ class Evaluation:
     num_images: int
     results: dict[str, dict[str, Any]]
     state: dict[str, dict[str, np.ndarray]]
-    overlays: dict[int, tuple[dict[str, np.ndarray], int | None]] = field(default_factory=dict)
+    overlays: dict[int, tuple[dict[str, np.ndarray], int | None, np.ndarray]] = field(default_factory=dict)
     saved_maps: dict[str, np.ndarray] | None = None
     seconds: float = 0.0
     cue: CueLocalization | None = None
@@ -77,7 +79,7 @@ class _Shard:
 
     metrics: dict[str, MapMetrics] = field(default_factory=dict)
     seen: np.ndarray | None = None  # int64 [N]: how often each sample was evaluated here
-    overlays: dict[int, tuple[dict[str, np.ndarray], int | None]] = field(default_factory=dict)
+    overlays: dict[int, tuple[dict[str, np.ndarray], int | None, np.ndarray]] = field(default_factory=dict)
     saved: dict[str, list[np.ndarray]] = field(default_factory=dict)
     described: tuple[list[str], bool] | None = None  # (map names, whether the source classifies)
     forward_passes: int = 0  # model inputs spent by the map source on this rank
@@ -116,7 +118,8 @@ def _evaluate_shard(map_fn: MapFn, split, loader, settings: EvalSettings, progre
         for row, index in enumerate(indices_np.tolist()):
             if index < settings.overlay_count:
                 shard.overlays[index] = ({name: raw[row].astype(np.float32) for name, raw in raw_maps.items()},
-                                         None if pred is None else int(pred[row]))
+                                         None if pred is None else int(pred[row]),
+                                         images_to_uint8(images[row:row + 1])[0])
         if settings.save_maps:
             kept = {f"map_{name}": raw.astype(np.float32) for name, raw in raw_maps.items()}
             kept.update(indices=indices_np, labels=labels_np)

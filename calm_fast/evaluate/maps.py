@@ -13,6 +13,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from calm_fast.config import ConfigError
 from calm_fast.data.torch_loader import IMAGENET_MEAN, IMAGENET_STD
 from calm_fast.evaluate import baselines
 from calm_fast.head import all_class_maps, attribution_map, class_log_probs
@@ -80,13 +81,13 @@ class ModelMaps:
 def check_map_kinds(kinds, method: str) -> tuple[MapKind, ...]:
     """`kinds` as MapKinds, each checked: a map kind, and one that `method` has (CAM: only its class map)."""
     if not kinds:
-        raise ValueError("no map kind to evaluate")
+        raise ConfigError("no map kind to evaluate")
     parsed = []
     for kind in kinds:
         if kind not in tuple(MapKind):
-            raise ValueError(f"map kind {kind!r}: expected one of {choices(MapKind)}")
+            raise ConfigError(f"map kind {kind!r}: expected one of {choices(MapKind)}")
         if MapKind(kind) not in map_kinds_of(Method(method)):
-            raise ValueError(f"map kind '{kind}' {CAM_MAPS_ONLY}")
+            raise ConfigError(f"map kind '{kind}' {CAM_MAPS_ONLY}")
         parsed.append(MapKind(kind))
     return tuple(parsed)
 

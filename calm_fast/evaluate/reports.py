@@ -16,7 +16,6 @@ import torch
 
 from calm_fast import report
 from calm_fast.atomic import save_npz, write_json
-from calm_fast.data.images import decode_rgb
 from calm_fast.evaluate.attribution.cue import CueLocalization
 from calm_fast.evaluate.job import Evaluation, ground_truth
 from calm_fast.evaluate.scoring import V1_IOU, EvalSettings
@@ -48,17 +47,19 @@ def write_reports(evaluation: Evaluation, split, out_dir: Path, info: dict[str, 
         _write_map_reports(out_dir, name, metrics, evaluation, split, settings)
     if evaluation.cue is not None and evaluation.cue.overlays:
         for name in evaluation.cue.map_names:
-            report.plot_overlay_grid(out_dir / f"cue_{name}.png", cue_overlay_items(evaluation.cue, split, name),
+            images = {index: image for index, (_, _, image) in evaluation.overlays.items()}
+            items = cue_overlay_items(evaluation.cue, split, name, images)
+            report.plot_overlay_grid(out_dir / f"cue_{name}.png", items,
                                      title=f"{split.dataset} {split.split}, |{name} y1 - {name} y2| "
                                            "(stretched for display); differing parts outlined")
     report.print_results(results, console=console)
     return results
 
 
-def cue_overlay_items(cue: CueLocalization, split, name: str, limit: int = 12) -> list:
-    """The cue grid's cells: for the first images, one pair of each group: the image, the pair's score
-    map (resized, |.|, normalised as scored, then stretched to [0, 1] for display) and the differing
-    parts' mask, in the 224×224 frame."""
+def cue_overlay_items(cue: CueLocalization, split, name: str, images: dict[int, np.ndarray], limit: int = 12) -> list:
+    """The cue grid's cells: for the first images, one pair of each group: the image (`images`: the loader's,
+    by split index, as `Evaluation.overlays` keeps them), the pair's score map (resized, |.|, normalised as
+    scored, then stretched to [0, 1] for display) and the differing parts' mask, in the 224×224 frame."""
     chosen, groups_shown = [], set()
     for index, pair in sorted(cue.overlays):
         group = int(cue.truth.pairs.groups[pair])
@@ -75,8 +76,7 @@ def cue_overlay_items(cue: CueLocalization, split, name: str, limit: int = 12) -
         labels, _ = cue.truth.label_maps([index])
         mask = ((int(cue.truth.pairs.differing[pair]) >> np.minimum(labels[0], 62).astype(np.int64)) & 1)
         mask = np.where(labels[0] < 63, mask, 0).astype(np.uint8)
-        image = cv2.resize(np.asarray(decode_rgb(split.image_path(index))), (SCOREMAP_SIZE, SCOREMAP_SIZE),
-                           interpolation=cv2.INTER_LINEAR)
+        image = cv2.resize(images[index], (SCOREMAP_SIZE, SCOREMAP_SIZE), interpolation=cv2.INTER_LINEAR)
         first, second = cue.truth.pairs.class_pairs[pair].tolist()
         parts = "+".join(cue.truth.pairs.differing_names(pair))
         items.append(report.OverlayItem(image=image, scoremap=display, gt_mask=mask,
@@ -109,14 +109,13 @@ def _write_map_reports(out_dir: Path, name: str, metrics: dict, evaluation: Eval
 
 
 def overlay_items(evaluation: Evaluation, split, name: str, metrics: dict) -> list:
-    """The overlay grid's cells: image, normalised map, GT boxes/mask and the box predicted at the best
-    threshold of MaxBoxAcc (v1: the largest contour), all in the 224×224 metric frame."""
+    """The overlay grid's cells: image (the loader's, resized), normalised map, GT boxes/mask and the box
+    predicted at the best threshold of MaxBoxAcc (v1: the largest contour), all in the 224×224 metric frame."""
     box = metrics.get("box")
     items = []
     for index in sorted(evaluation.overlays):
-        maps, predicted = evaluation.overlays[index]
+        maps, predicted, image = evaluation.overlays[index]
         scoremap = normalize_scoremaps([maps[name]])[0]
-        image = np.asarray(decode_rgb(split.image_path(index)))
         image = cv2.resize(image, (SCOREMAP_SIZE, SCOREMAP_SIZE), interpolation=cv2.INTER_LINEAR)
         gt_boxes, gt_masks = ground_truth(split, np.array([index]), split.boxes is not None, split.masks is not None)
         pred_boxes = None

@@ -35,6 +35,8 @@ from torch import nn
 from torchvision.models.inception import BasicConv2d, InceptionA, InceptionC
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from calm_fast.config import ConfigError
+from calm_fast.errors import WeightsMismatchError
 from calm_fast.models.weights import read_state_dict
 
 BACKBONES = ("resnet50", "vgg16", "inception_v3", "tiny_resnet", "tiny_vgg")
@@ -376,7 +378,7 @@ def build_backbone(name: str, large_feature_map: bool = True, batch_norm: bool =
         return TinyResNet(large_feature_map)
     if name == "tiny_vgg":
         return TinyVGG(large_feature_map, batch_norm)
-    raise ValueError(f"backbone: unknown name {name!r}; choose one of {', '.join(BACKBONES)}")
+    raise ConfigError(f"backbone: unknown name {name!r}; choose one of {', '.join(BACKBONES)}")
 
 
 def checkpoint_arch(backbone: str, batch_norm: bool) -> str:
@@ -385,7 +387,7 @@ def checkpoint_arch(backbone: str, batch_norm: bool) -> str:
         return "vgg16_bn"
     if backbone in TORCHVISION_WEIGHTS:
         return backbone
-    raise ValueError(f"pretrained: no ImageNet checkpoint format for backbone {backbone!r}; "
+    raise ConfigError(f"model.pretrained: no ImageNet checkpoint format for backbone {backbone!r}; "
                      f"ImageNet weights exist for {', '.join(TORCHVISION_WEIGHTS)}")
 
 
@@ -439,12 +441,12 @@ def _rename_vgg_key(key: str, backbone: WSOLVGG16) -> str:
 
 
 def _mismatch_report(path: Path, arch: str, missing: list[str], unexpected: list[str], misshaped: list[str]) -> str:
-    lines = [f"{path}: checkpoint does not fit the {arch} WSOL backbone"]
+    parts = []
     for title, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
         if keys:
             shown = ", ".join(keys[:8]) + (f", ... ({len(keys) - 8} more)" if len(keys) > 8 else "")
-            lines.append(f"  {title} keys ({len(keys)}): {shown}")
-    return "\n".join(lines)
+            parts.append(f"{title} keys ({len(keys)}): {shown}")
+    return f"{path}: checkpoint does not fit the {arch} WSOL backbone: " + "; ".join(parts)
 
 
 def load_pretrained(backbone_module: Backbone, path: str | os.PathLike, arch: str) -> None:
@@ -455,16 +457,18 @@ def load_pretrained(backbone_module: Backbone, path: str | os.PathLike, arch: st
     indices are shifted past the dropped max-pools, and every other key must match a parameter or buffer
     of the same shape (BatchNorm's ``num_batches_tracked`` may be absent, as in older checkpoints); the
     backbone's ``new_layers`` (VGG ``conv6``, Inception ``extra_convs``) keep their initialisation. A
-    mismatch raises ValueError naming the file and the missing, unexpected and mis-shaped keys.
+    mismatch raises WeightsMismatchError naming the file and the missing, unexpected and mis-shaped keys
+    on one line; the file is read with ``calm_fast.safe_load`` (weights only).
     """
     path = Path(path)
     if arch not in _EXPECTED_TYPE:
         raise ValueError(f"pretrained: unknown checkpoint arch {arch!r}; choose one of {', '.join(_EXPECTED_TYPE)}")
     if not isinstance(backbone_module, _EXPECTED_TYPE[arch]):
-        raise ValueError(f"pretrained: a {arch} checkpoint does not fit a {type(backbone_module).__name__} backbone")
+        raise WeightsMismatchError(f"pretrained: a {arch} checkpoint does not fit a {type(backbone_module).__name__} "
+                                   "backbone")
     if isinstance(backbone_module, WSOLVGG16) and backbone_module.batch_norm != (arch == "vgg16_bn"):
         built = "with" if backbone_module.batch_norm else "without"
-        raise ValueError(f"pretrained: a {arch} checkpoint does not fit a VGG16 built {built} batch_norm")
+        raise WeightsMismatchError(f"pretrained: a {arch} checkpoint does not fit a VGG16 built {built} batch_norm")
 
     source = read_state_dict(path)
     state = {}
@@ -485,7 +489,7 @@ def load_pretrained(backbone_module: Backbone, path: str | os.PathLike, arch: st
         if k in target and state[k].shape != target[k].shape
     ]
     if missing or unexpected or misshaped:
-        raise ValueError(_mismatch_report(path, arch, missing, unexpected, misshaped))
+        raise WeightsMismatchError(_mismatch_report(path, arch, missing, unexpected, misshaped))
     for key in target:
         state.setdefault(key, target[key])  # only num_batches_tracked can be absent here
     not_loaded = backbone_module.load_state_dict(state, strict=False)

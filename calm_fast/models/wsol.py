@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from calm_fast.config import Config
+from calm_fast.errors import WeightsMismatchError
 from calm_fast.models.backbones import (
     Backbone,
     build_backbone,
@@ -17,6 +18,7 @@ from calm_fast.models.backbones import (
     load_pretrained,
     torchvision_checkpoint,
 )
+from calm_fast.models.weights import describe_mismatch
 from calm_fast.modes import Method, choices
 
 # build_model(pretrained=TORCHVISION) takes torchvision's ImageNet weights (from torch hub's cache).
@@ -126,14 +128,16 @@ def build_model(
     return WSOLModel(trunk, num_classes, method)
 
 
-def build_model_from(cfg: Config, num_classes: int, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """The configured architecture with `state_dict` loaded (strict: a mismatch names the keys)."""
+def build_model_from(cfg: Config, num_classes: int, state_dict: dict[str, torch.Tensor],
+                     source: str | os.PathLike | None = None) -> torch.nn.Module:
+    """The configured architecture with `state_dict` loaded strictly; weights that do not fit raise a
+    WeightsMismatchError listing what differs, on one line (naming `source`, the file, when given)."""
     model = build_model(cfg.model.backbone, num_classes, cfg.model.method,
                         large_feature_map=cfg.model.large_feature_map, batch_norm=cfg.model.batch_norm)
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"the checkpoint does not fit model.backbone={cfg.model.backbone!r} "
-                         f"model.method='{cfg.model.method}' with {num_classes} classes: missing "
-                         f"{missing[:5]}{'…' if len(missing) > 5 else ''}, unexpected "
-                         f"{unexpected[:5]}{'…' if len(unexpected) > 5 else ''}")
+    mismatch = describe_mismatch(state_dict, model.state_dict())
+    if mismatch:
+        where = f"{source}: " if source is not None else ""
+        raise WeightsMismatchError(f"{where}the checkpoint does not fit model.backbone={cfg.model.backbone!r} "
+                                   f"model.method='{cfg.model.method}' with {num_classes} classes: {mismatch}")
+    model.load_state_dict(state_dict)
     return model

@@ -31,9 +31,9 @@ import sys
 import traceback
 from pathlib import Path
 
-from calm_fast.config import ConfigError, load_config
-from calm_fast.console import user_error
-from calm_fast.models.weights import checkpoint_root, latest_checkpoint
+from calm_fast.config import load_config
+from calm_fast.errors import is_user_error
+from calm_fast.models.weights import checkpoint_root, usable_checkpoint
 from calm_fast.train.checkpoint import export_model
 from calm_fast.train.loop import train
 
@@ -50,25 +50,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as error:
-        return user_error("train", error)
+    """Errors the user can fix propagate to calm_fast.cli, which prints them as one line."""
+    cfg = load_config(args.config, args.overrides)
     if args.export:
-        source = Path(args.checkpoint) if args.checkpoint else latest_checkpoint(cfg.run_dir)
+        source = Path(args.checkpoint) if args.checkpoint else usable_checkpoint(cfg.run_dir)
         if source is None:
-            print(f"calm-fast train --export: no checkpoint under {checkpoint_root(cfg.run_dir)}",
-                  file=sys.stderr)
-            return 1
+            raise FileNotFoundError(f"--export: no usable checkpoint under {checkpoint_root(cfg.run_dir)}")
         print(export_model(source, Path(cfg.run_dir) / "model.pt"))
         return 0
     multi_rank = int(os.environ.get("WORLD_SIZE", "1")) > 1
     try:
         summary = train(cfg, resume=args.resume)
-    except ConfigError as error:
-        return user_error("train", error)
     except Exception as error:
-        if not multi_rank:
+        if not multi_rank or is_user_error(error):
             raise
         # In a multi-rank job the launcher stops the others when one rank exits non-zero; say which
         # rank failed and why, since a collective error is often only the echo of another rank's death.

@@ -27,6 +27,7 @@ from calm_fast.distributed import (Watchdog, World, all_reduce_sum, any_rank, ba
 from calm_fast.evaluate.job import evaluate_model
 from calm_fast.head import class_log_probs, merged_loss, method_objective
 from calm_fast.models import build_model
+from calm_fast.errors import CheckpointError
 from calm_fast.models.weights import checkpoint_root, latest_checkpoint
 from calm_fast.modes import Precision
 from calm_fast.train import checkpoint as ckpt
@@ -210,8 +211,8 @@ def _train(cfg: Config, world: World, watchdog: Watchdog, resume: bool) -> dict[
 
 
 def _check_run_dir(cfg: Config, world: World, resume: bool) -> Path | None:
-    """The checkpoint to resume from (None for a fresh run); refuses to overwrite a run by accident.
-    Writes the run's config.toml."""
+    """The checkpoint to resume from (None for a fresh run): the newest that verifies on every node.
+    Refuses to overwrite a run by accident. Writes the run's config.toml."""
     run_dir = Path(cfg.run_dir)
     existing = latest_checkpoint(run_dir)
     if existing is not None and not resume:
@@ -219,6 +220,11 @@ def _check_run_dir(cfg: Config, world: World, resume: bool) -> Path | None:
                               "continue that run, or choose another run_dir")
     if resume and existing is None:
         raise FileNotFoundError(f"--resume: no checkpoint under {checkpoint_root(run_dir)}")
+    if resume:
+        existing = ckpt.agree_on_checkpoint(run_dir, world)
+        if existing is None:
+            raise CheckpointError(f"--resume: no usable checkpoint under {checkpoint_root(run_dir)} (each one "
+                                  "fails its manifest: see the lines above)")
     barrier()  # every rank has looked before rank 0 writes anything
     if world.is_main:
         save_config(cfg, run_dir / "config.toml")
@@ -266,7 +272,7 @@ def _restore(engine, folder: Path, world: World, geometry: dict[str, int]) -> in
     client_state, trainer_state = ckpt.load_checkpoint(engine, folder, world)
     saved = {key: client_state.get(key) for key in geometry}
     if saved != geometry:
-        raise ValueError(f"{folder}: written with {saved}, this run has {geometry}; resume with the same "
+        raise CheckpointError(f"{folder}: written with {saved}, this run has {geometry}; resume with the same "
                          "data.batch_size, training split and number of ranks")
     ckpt.restore_rng(trainer_state["rng"])
     step = int(client_state["step"])
