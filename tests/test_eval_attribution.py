@@ -307,6 +307,17 @@ def test_seeds_summary_reads_the_headline(tmp_path):
         folder.mkdir(parents=True)
         headline = {"class": {"max_box_acc_v2": box, "r_10": r_10}}
         (folder / "results.json").write_text(json.dumps({"headline": headline, "maps": {"class": {"x": 1.0}}}))
+    # --method-eval-args adds arguments to one method's evaluations only
+    both = seeds.parse_args(["--out", str(tmp_path / "x"), "--runs", "cam:bf16", "calm-em:bf16", "--seeds", "0",
+                             "--eval-args", "--benchmark wsol remove-classify",
+                             "--method-eval-args", "cam=--gradient vanilla smoothgrad"])
+    argv = {name: job for name, job, _ in seeds.eval_jobs(both, tmp_path / "x")}
+    assert argv["cam-bf16-seed0"][-6:] == ["--benchmark", "wsol", "remove-classify", "--gradient", "vanilla",
+                                           "smoothgrad"]
+    assert argv["calm-em-bf16-seed0"][-3:] == ["--benchmark", "wsol", "remove-classify"]
+    with pytest.raises(SystemExit, match="METHOD=ARGS"):
+        seeds.method_eval_args(seeds.parse_args(["--method-eval-args", "--gradient vanilla"]))
+
     table = seeds.summarise(args, tmp_path)["table"]["cam:bf16"]
     assert set(table) == {"class.max_box_acc_v2", "class.r_10"}
     assert table["class.max_box_acc_v2"]["mean"] == 55.0 and table["class.r_10"]["min"] == 0.25

@@ -96,7 +96,8 @@ def extra_map_names(options: AttributionOptions) -> tuple[str, ...]:
 
 class AttributionMaps:
     """The map source of the attribution pass (see the module docstring). `counts` holds this rank's
-    remove-and-classify counts; `seconds` the wall time of each stage; `inputs` the model inputs spent."""
+    remove-and-classify counts; `seconds` the wall time of each stage (and `cpu_seconds` this process's CPU
+    time: the cost on a shared machine, where wall time also counts other work); `inputs` the model inputs."""
 
     def __init__(self, model: torch.nn.Module, method: str, kinds: Sequence[str], prior: str,
                  device: torch.device | str, options: AttributionOptions):
@@ -107,18 +108,20 @@ class AttributionMaps:
         self.extra_names = extra_map_names(options)
         self.counts = RemoveClassifyCounts(self.kinds + self.extra_names, options.fractions)
         self.seconds = {"maps": 0.0, "gradients": 0.0, "controls": 0.0, "remove_classify": 0.0}
+        self.cpu_seconds = dict.fromkeys(self.seconds, 0.0)
         self.inputs = {"maps": 0, "gradients": 0, "remove_classify": 0}
 
-    def _lap(self, stage: str, since: float) -> float:
+    def _lap(self, stage: str, since: tuple[float, float]) -> tuple[float, float]:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        now = time.perf_counter()
-        self.seconds[stage] += now - since
+        now = (time.perf_counter(), time.process_time())
+        self.seconds[stage] += now[0] - since[0]
+        self.cpu_seconds[stage] += now[1] - since[1]
         return now
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> MapBatch:
         options = self.options
-        clock = time.perf_counter()
+        clock = (time.perf_counter(), time.process_time())
         batch = self.model_maps(images, labels, indices)
         self.inputs["maps"] += len(images)
         clock = self._lap("maps", clock)
@@ -204,8 +207,10 @@ def run_attribution(model: torch.nn.Module, method: str, kinds: Sequence[str], p
     counts_state, inputs = all_reduce_states([source.counts.state_dict(),
                                               {k: np.array(v, np.int64) for k, v in source.inputs.items()}])
     source.counts.load_state_dict(counts_state)
-    slowest = {stage: max(rank[stage] for rank in gather_to_all(source.seconds)) for stage in source.seconds}
+    ranks = gather_to_all((source.seconds, source.cpu_seconds))
+    slowest = {stage: max(wall[stage] for wall, _ in ranks) for stage in source.seconds}
     cost = _cost(len(subset), {k: int(v) for k, v in inputs.items()}, slowest, time.perf_counter() - started)
+    cost["stage_cpu_seconds"] = {stage: round(max(cpu[stage] for _, cpu in ranks), 3) for stage in source.seconds}
     return Attribution(num_images=len(subset), evaluation=evaluation if options.wsol and source.extra_names else None,
                        counts=source.counts if options.remove_classify else None, options=options, cost=cost)
 
