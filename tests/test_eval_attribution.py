@@ -379,3 +379,21 @@ def test_two_gloo_ranks_give_exactly_the_one_rank_result(experiment, tmp_path, m
     assert results_two["world_size"] == 2 and results_two["remove_classify"]["num_images"] == 9
     assert set(results_one["maps"]) == {"class", "grad-vanilla", "grad-smoothgrad", "control-random",
                                         "control-blurred-cam"}
+
+
+def test_series_table_and_plot(tmp_path):
+    from rich.console import Console
+
+    from calm_fast import report
+
+    table = report.series_table("R_k", ["R_10", "R_90"], {"joint": [0.125, None], "grad-vanilla": [1.0, 0.5]})
+    console = Console(width=80, record=True)
+    console.print(table)
+    text = console.export_text()
+    assert "0.12" in text and "–" in text and "grad-vanilla" in text and "0.50" in text
+    with pytest.raises(ValueError, match="2 columns"):
+        report.series_table("R_k", ["R_10", "R_90"], {"joint": [0.1]})
+    path = report.plot_series(tmp_path / "curves.png", [10, 90], {"joint": [0.1, None]}, "k", "R_k", "t", reference=1.0)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="no series"):
+        report.plot_series(tmp_path / "none.png", [10], {}, "k", "R_k", "t")
