@@ -8,7 +8,12 @@ core each, `--parallel` at a time); a run whose `model.pt` exists is not trained
 whose `results.json` exists is not repeated, so the driver resumes after any interruption.
 
     python benchmarks/seeds.py --out runs/seeds --runs calm-em:bf16 calm-ml:bf16 cam:bf16 calm-em:fp32 \
-        --seeds 0 1 2 --steps 1000 --eval-args "--benchmark wsol"
+        --seeds 0 1 2 --steps 1000 --eval-args "--benchmark wsol remove-classify --control centre-gaussian \
+        random blurred-cam --attribution-images 200" \
+        --method-eval-args "cam=--gradient vanilla ig-reference smoothgrad vargrad"
+
+(the paper's gradient baselines are computed on CAM models, as the reference does; they cost ~100
+forward+backward passes per image, hence the attribution subset on a CPU.)
 
 The table gives, per run kind, the mean and the spread (sample standard deviation and min..max) over seeds
 of every number that the evaluation's headline reports; `OUT/summary.json` holds every run's numbers.
@@ -42,6 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time (one core each)")
     parser.add_argument("--phase", choices=("train", "eval", "all"), default="all")
     parser.add_argument("--eval-args", default="", help="extra arguments of every `calm-fast eval` (one string)")
+    parser.add_argument("--method-eval-args", nargs="+", default=[], metavar="METHOD=ARGS",
+                        help="more `calm-fast eval` arguments for the runs of one method, e.g. "
+                             "'cam=--gradient vanilla smoothgrad'")
     parser.add_argument("--split", default="test")
     parser.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="overrides for every run")
     return parser.parse_args(argv)
@@ -107,15 +115,27 @@ def train_jobs(args: argparse.Namespace, out: Path) -> list[tuple[str, list[str]
     return jobs
 
 
+def method_eval_args(args: argparse.Namespace) -> dict[str, list[str]]:
+    """--method-eval-args as {method: argv}."""
+    out = {}
+    for entry in args.method_eval_args:
+        method, sep, extra = entry.partition("=")
+        if not sep or not method:
+            raise SystemExit(f"--method-eval-args {entry!r}: expected METHOD=ARGS, e.g. 'cam=--gradient vanilla'")
+        out.setdefault(method, []).extend(shlex.split(extra))
+    return out
+
+
 def eval_jobs(args: argparse.Namespace, out: Path) -> list[tuple[str, list[str], Path]]:
     jobs = []
+    per_method = method_eval_args(args)
     for kind in args.runs:
         for seed in args.seeds:
             run_dir = out / run_name(kind, seed)
             if (run_dir / "eval" / args.split / "results.json").exists():
                 continue
             argv = ["eval", "--run", str(run_dir), *args.overrides, f"data.root={args.data}", "--split", args.split,
-                    *shlex.split(args.eval_args)]
+                    *shlex.split(args.eval_args), *per_method.get(kind.split(":")[0], [])]
             jobs.append((run_name(kind, seed), argv, out / "logs" / f"eval-{run_name(kind, seed)}.log"))
     return jobs
 
@@ -151,7 +171,7 @@ def summarise(args: argparse.Namespace, out: Path) -> dict:
                              "min": min(values), "max": max(values), "n": len(values)}
                        for key, values in columns.items()}
     return {"runs": runs, "table": table, "steps": args.steps, "seeds": args.seeds, "config": args.config,
-            "overrides": args.overrides, "eval_args": args.eval_args}
+            "overrides": args.overrides, "eval_args": args.eval_args, "method_eval_args": args.method_eval_args}
 
 
 def main(argv: list[str] | None = None) -> int:

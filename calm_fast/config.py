@@ -133,7 +133,7 @@ class EvalConfig:
     iou_thresholds: list[int] = field(default_factory=lambda: [30, 50, 70])
     multi_contour: bool = True  # MaxBoxAccV2 (True) or v1 single-contour boxes
     batch_size: int = 64  # per rank
-    benchmarks: list[str] = field(default_factory=lambda: ["wsol"])  # wsol | cue (one forward pass for all)
+    benchmarks: list[str] = field(default_factory=lambda: ["wsol"])  # wsol | cue | remove-classify
     cue_grid: str = "log"  # log: the reference's log-spaced thresholds (sub-threshold scores dropped) | linear
     cue_curve_interval: float = 0.001  # log: 7 * interval apart in log10 (0.001: 1000 thresholds); linear: step
     cue_normalization: str = "auto"  # auto: clip for joint/posterior maps, minmax for class logits | clip | minmax | max

@@ -161,6 +161,7 @@ class Benchmark(enum.StrEnum):
 
     WSOL = "wsol"  # MaxBoxAcc, MaxBoxAccV2, top-1 localization, PxAP of the ground-truth class's map
     CUE = "cue"  # cue localization: |map_y1 - map_y2| against the parts where classes y1, y2 differ
+    REMOVE_CLASSIFY = "remove-classify"  # R_k: accuracy after erasing a map's top-k pixels / k random pixels
 
 
 class CueGrid(enum.StrEnum):

@@ -30,6 +30,8 @@ __all__ = [
     "plot_overlay_grid",
     "plot_per_class",
     "write_per_class_csv",
+    "series_table",
+    "plot_series",
 ]
 
 
@@ -99,6 +101,20 @@ def results_table(results: dict, title: str | None = None):
                for kind, count in (repairs.get(source) or {}).items()]
     if counted:
         table.caption = "data repaired (counted): " + ", ".join(counted)
+    return table
+
+
+def series_table(title: str, x_labels: Sequence[str], rows: dict[str, Sequence[float | None]],
+                 first_column: str = "map", digits: int = 2, caption: str | None = None):
+    """A rich Table with one row per named series (label -> one value per x), e.g. R_k per method."""
+    table = Table(title=title, title_justify="left", caption=caption)
+    table.add_column(first_column, style="bold")
+    for label in x_labels:
+        table.add_column(label, justify="right")
+    for name, values in rows.items():
+        if len(values) != len(x_labels):
+            raise ValueError(f"series_table: row {name!r} has {len(values)} values for {len(x_labels)} columns")
+        table.add_row(name, *[_fmt(value, digits) for value in values])
     return table
 
 
@@ -206,6 +222,29 @@ def plot_pr_curve(path: str | os.PathLike, precision: np.ndarray, recall: np.nda
     axis.set_ylim(0, 1.02)
     axis.grid(alpha=0.3)
     axis.set_title(f"{title} · PxAP {pxap:.2f}", fontsize=10)
+    return _save_figure(figure, path)
+
+
+def plot_series(path: str | os.PathLike, x: Sequence[float], series: dict[str, Sequence[float | None]],
+                xlabel: str, ylabel: str, title: str, reference: float | None = None) -> Path:
+    """One line with markers per named series (label -> y per x; None leaves a gap), and an optional
+    dashed horizontal reference line (e.g. R_k = 1: as good as random)."""
+    if not series:
+        raise ValueError("plot_series: no series to draw")
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(6.4, 4.2))
+    for label, values in series.items():
+        y = np.array([np.nan if v is None else float(v) for v in values], dtype=np.float64)
+        if len(y) != len(x):
+            raise ValueError(f"plot_series: series {label!r} has {len(y)} values for {len(x)} x positions")
+        axis.plot(x, y, marker="o", linewidth=1.6, markersize=4, label=label)
+    if reference is not None:
+        axis.axhline(reference, color="grey", linestyle="--", linewidth=1.0)
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8, loc="best")
+    axis.set_title(title, fontsize=10)
     return _save_figure(figure, path)
 
 

@@ -151,6 +151,29 @@ def test_command_errors_for_cue_name_what_is_wrong(experiment, monkeypatch, caps
     assert code == 2 and "eval.benchmarks='saliency'" in capsys.readouterr().err
 
 
+def test_cue_with_remove_classify_puts_both_in_results_and_headline(experiment, tmp_path, monkeypatch):
+    out = tmp_path / "cue-rk"
+    code = _run_in_process(monkeypatch, ["eval", "--config", str(experiment / "config.toml"), "--checkpoint",
+                                         str(experiment / "weights.pt"), "--benchmark", "cue", "remove-classify",
+                                         "--map-kind", "joint", "--control", "random", "--attribution-images", "4",
+                                         "--overlays", "0", "--out", str(out)])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["benchmarks"] == ["cue", "remove-classify"] and results["maps"] == {}  # no WSOL asked
+    assert set(results["cost"]["benchmarks"]) == {"cue"} and results["remove_classify"]["num_images"] == 4
+    assert set(results["remove_classify"]["maps"]) == {"joint", "control-random"}
+    headline, cue = results["headline"], results["cue"]["maps"]["joint"]
+    expected = {f"cue_pxap_g{group}": values["mean_pxap"] for group, values in cue["groups"].items()
+                if values["mean_pxap"] is not None}
+    expected["cue_pxap_mean"] = cue["mean_pxap"]
+    assert {"cue_pxap_g1", "cue_pxap_mean"} <= set(expected)
+    assert {key: headline["joint"][key] for key in headline["joint"] if key.startswith("cue_")} == expected
+    for k, r_k in zip(results["remove_classify"]["ks"], results["remove_classify"]["maps"]["joint"]["r_k"]):
+        assert headline["joint"].get(f"r_{k}") == r_k
+    assert not any(key.startswith("cue_") for key in headline["control-random"])
+    assert headline["remove-classify"]["clean_accuracy"] == results["remove_classify"]["clean_accuracy"]
+
+
 def _state(folder: Path) -> dict[str, np.ndarray]:
     with np.load(folder / "metric_state.npz") as loaded:
         return {key: loaded[key] for key in loaded.files}

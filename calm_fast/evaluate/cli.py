@@ -1,5 +1,6 @@
 """Evaluate a trained model (or a class-agnostic baseline map) on a split: the WSOL metrics (MaxBoxAcc,
-MaxBoxAccV2, PxAP) and the attribution benchmarks (cue localization), from one forward pass per image.
+MaxBoxAccV2, PxAP) and the attribution benchmarks (cue localization from the same forward pass per image;
+remove-and-classify, gradient baselines and controls in a second pass).
 
 What is measured (METRICS.md). For every image the map of its ground-truth class (GT-known) is taken at
 the model's resolution, turned into float64, resized to 224×224 with OpenCV's bicubic filter and min-max
@@ -26,14 +27,23 @@ Outputs, under `<run_dir>/eval/<split>/` (or --out), written by rank 0, each fil
   maps/rank<r>.npz        only with --save-maps: this rank's raw maps (map_<name>: float32 [n, h, w] at
                           the model's resolution) with their indices, labels and predicted classes
 
-Benchmarks (--benchmark, eval.benchmarks; any combination, sharing one pass over the split):
-  wsol   the metrics above, on the ground-truth class's map of each kind
-  cue    cue localization (CALM.md §4): for every class pair that differs in 1, 2 or 3 parts, the map
-         |map_y1 - map_y2| of each image of either class, scored by PxAP against the differing parts
-         (synthetic sets: exact part masks; CUB: the reference protocol), per group and pair-weighted;
-         the maps of all classes come from the same forward pass. Adds cue_<map>.png (a grid of cue maps
-         with the differing-part masks) and the cue table; eval.cue_* keys set the grid and normalisation.
-Each benchmark's cost (forward passes per image, seconds, images/s) is in results.json under "cost".
+Benchmarks (--benchmark, eval.benchmarks; any combination):
+  wsol             the metrics above, on the ground-truth class's map of each kind
+  cue              cue localization (CALM.md §4): for every class pair that differs in 1, 2 or 3 parts, the
+                   map |map_y1 - map_y2| of each image of either class, scored by PxAP against the differing
+                   parts (synthetic sets: exact part masks; CUB: the reference protocol), per group and
+                   pair-weighted; the maps of all classes come from the WSOL pass's forward pass. Adds
+                   cue_<map>.png (a grid of cue maps with the differing-part masks) and the cue table;
+                   eval.cue_* keys set the grid and normalisation.
+  remove-classify  R_k (CALM.md §4): accuracy after erasing the top k% pixels of a map over accuracy after
+                   erasing k% random pixels, k = 10, 30, 50, 70, 90, for every map source: the model's map
+                   kinds, --gradient maps and --control maps. Adds the R_k table and remove_classify.png.
+wsol and cue share one pass over the split (its cost per benchmark is in results.json under "cost").
+Gradient maps ("grad-<method>") and controls ("control-<name>") are also scored by the WSOL metrics when
+wsol is asked. They run in a second pass (`calm_fast.evaluate.attribution.benchmarks`), over the first
+--attribution-images samples of the split when that is given (the gradient set costs ~100 forward+backward
+passes per image); that pass's cost is in results.json under "attribution". results.json's "headline"
+holds the numbers of every benchmark per map source (`calm_fast.evaluate.headline`).
 
 Map sources. `evaluate_maps(map_fn, split, loader, ...)` scores anything that turns a batch into maps:
 a model (`ModelMaps`), or a class-agnostic baseline (`BaselineMaps`: a centred Gaussian, the smoothed
@@ -45,6 +55,8 @@ Examples (config overrides go before the list options --split/--map-kind/--basel
   calm-fast eval --run runs/synthetic eval.cam_curve_interval=0.001 --split val test --map-kind all
   calm-fast eval -c configs/synthetic.toml --baseline centre-gaussian image-energy
   calm-fast eval --run runs/synthetic --benchmark wsol cue --map-kind joint class
+  calm-fast eval --run runs/synthetic --benchmark wsol remove-classify --gradient vanilla smoothgrad \
+      --control centre-gaussian random blurred-cam --attribution-images 200
   torchrun --standalone --nproc_per_node 8 -m calm_fast.cli eval --run runs/x      (or the deepspeed
       launcher with --module calm_fast.cli eval ...): 8 ranks, the same numbers as one process
 
@@ -68,7 +80,16 @@ from calm_fast.data.loaders import build_eval_loader, data_repairs
 from calm_fast.data.splits import read_configured_split
 from calm_fast.distributed import init_world, share_cpu_threads, shutdown_world
 from calm_fast.errors import is_user_error
+from calm_fast.evaluate.attribution.benchmarks import (
+    CONTROLS,
+    GRADIENT_METHODS,
+    AttributionOptions,
+    attribution_sections,
+    merge_into,
+    run_attribution,
+)
 from calm_fast.evaluate.attribution.cue import build_cue_localization
+from calm_fast.evaluate.attribution.gradients import GradientSettings
 from calm_fast.evaluate.job import evaluate_maps
 from calm_fast.evaluate.maps import BASELINES, BaselineMaps, MapFn, ModelMaps, check_map_kinds
 from calm_fast.evaluate.reports import write_reports
@@ -94,6 +115,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--benchmark", nargs="+", metavar="NAME", choices=tuple(Benchmark),
                         help=f"what to measure, in one pass over the split: {choices(Benchmark)} "
                              "(default: eval.benchmarks)")
+    parser.add_argument("--gradient", nargs="+", metavar="METHOD", choices=GRADIENT_METHODS, default=[],
+                        help=f"gradient map sources, scored like the model's maps: {', '.join(GRADIENT_METHODS)}")
+    parser.add_argument("--control", nargs="+", metavar="NAME", choices=CONTROLS, default=[],
+                        help=f"control map sources: {', '.join(CONTROLS)}")
+    parser.add_argument("--attribution-images", type=int, metavar="N",
+                        help="run remove-and-classify, gradients and controls on the split's first N images only")
+    parser.add_argument("--ig-steps", type=int, default=GradientSettings.ig_steps, metavar="N",
+                        help="intervals of the IG path (N + 1 points; default %(default)s, as the reference)")
+    parser.add_argument("--smooth-samples", type=int, default=GradientSettings.smooth_samples, metavar="N",
+                        help="SmoothGrad/VarGrad noise samples per image (default %(default)s, as the reference)")
     parser.add_argument("--baseline", nargs="+", metavar="NAME", choices=BASELINES,
                         help=f"evaluate class-agnostic baseline maps instead of a model: {', '.join(BASELINES)}")
     parser.add_argument("--out", metavar="DIR", help="results folder (default: RUN_DIR/eval/SPLIT, "
@@ -138,6 +169,7 @@ def main(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, benchmarks=list(args.benchmark)))
     kinds = _map_kinds(args, cfg)
     cue_kinds = _cue_map_kinds(args, cfg, kinds)
+    attribution = _attribution_options(args, cfg)
     splits = args.split or [cfg.eval.split]
     if args.overlays < 0:
         raise ConfigError(f"--overlays must be >= 0, got {args.overlays}")
@@ -146,7 +178,7 @@ def main(args: argparse.Namespace) -> int:
 
     world = init_world(cfg.dist.timeout_minutes)
     try:
-        return _run(args, cfg, checkpoint, state_dict, splits, kinds, cue_kinds, world)
+        return _run(args, cfg, checkpoint, state_dict, splits, kinds, cue_kinds, attribution, world)
     except Exception as error:
         if world.world_size == 1 or is_user_error(error):
             raise
@@ -187,8 +219,31 @@ def _cue_map_kinds(args: argparse.Namespace, cfg: Config, kinds: tuple[str, ...]
     return per_class
 
 
+def _attribution_options(args: argparse.Namespace, cfg: Config) -> AttributionOptions | None:
+    """The attribution pass's options, or None when it has nothing to do."""
+    benchmarks = cfg.eval.benchmarks
+    if not benchmarks:
+        raise ConfigError(f"eval.benchmarks is empty: name at least one of {choices(Benchmark)}")
+    try:  # the options check their own values (--attribution-images, --ig-steps, --smooth-samples)
+        options = AttributionOptions(
+            remove_classify=Benchmark.REMOVE_CLASSIFY in benchmarks, wsol=Benchmark.WSOL in benchmarks,
+            gradients=tuple(args.gradient), controls=tuple(args.control), images=args.attribution_images,
+            gradient=GradientSettings(ig_steps=args.ig_steps, smooth_samples=args.smooth_samples,
+                                      seed=cfg.train.seed),
+            seed=cfg.train.seed)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    if (args.gradient or args.control) and not options.needed:
+        raise ConfigError("--gradient/--control maps need a benchmark to score them: wsol or remove-classify")
+    if not options.needed:
+        return None
+    if args.baseline:
+        raise ConfigError("remove-and-classify, --gradient and --control need a model; drop --baseline")
+    return options
+
+
 def _run(args, cfg: Config, checkpoint: Path | None, state_dict: dict[str, torch.Tensor] | None, splits: list[str],
-         kinds: tuple[str, ...], cue_kinds: tuple[str, ...], world) -> int:
+         kinds: tuple[str, ...], cue_kinds: tuple[str, ...], attribution: AttributionOptions | None, world) -> int:
     console = Console()
     if not console.is_terminal:
         console = Console(width=120)  # logs: wide enough for the results table
@@ -196,6 +251,7 @@ def _run(args, cfg: Config, checkpoint: Path | None, state_dict: dict[str, torch
     settings = EvalSettings.from_config(cfg, per_class=args.per_class, overlay_count=args.overlays,
                                         save_maps=args.save_maps, wsol=Benchmark.WSOL in cfg.eval.benchmarks)
     info: dict[str, Any] = {"world_size": world.world_size, "benchmarks": list(cfg.eval.benchmarks)}
+    first_pass = settings.wsol or bool(cue_kinds)  # WSOL and cue share the model's one forward pass per image
     num_classes = cfg.data.num_classes
     if args.baseline:
         info.update(source="baseline", baselines=list(args.baseline))
@@ -212,17 +268,24 @@ def _run(args, cfg: Config, checkpoint: Path | None, state_dict: dict[str, torch
             source: MapFn = BaselineMaps(kinds)
         else:
             source = ModelMaps(model, cfg.model.method, kinds, cfg.model.prior, world.device, class_map_kinds=cue_kinds)
-        cue = build_cue_localization(cfg, split, cue_kinds, args.overlays) if cue_kinds else None
-        loader = build_eval_loader(cfg, split, world.rank, world.world_size, world.device)
+        progress = world.is_main and console.is_terminal
+        evaluation, sections = None, {}
         split_info = {**info, **data_repairs(cfg, split)}
-        evaluation = evaluate_maps(source, split, loader, settings, progress=world.is_main and console.is_terminal,
-                                   cue=cue)
+        if first_pass:
+            cue = build_cue_localization(cfg, split, cue_kinds, args.overlays) if cue_kinds else None
+            loader = build_eval_loader(cfg, split, world.rank, world.world_size, world.device)
+            evaluation = evaluate_maps(source, split, loader, settings, progress=progress, cue=cue)
+        if attribution is not None:
+            loader = build_eval_loader(cfg, split, world.rank, world.world_size, world.device)
+            extra = run_attribution(model, cfg.model.method, kinds, cfg.model.prior, split, loader, attribution,
+                                    settings, world.device, progress=progress)
+            evaluation, sections = merge_into(evaluation, extra, len(split)), attribution_sections(extra)
         default_out = Path(cfg.run_dir) / ("eval-baselines" if args.baseline else "eval") / split_name
         out_dir = Path(args.out) / split_name if args.out and len(splits) > 1 else Path(args.out or default_out)
-        if settings.save_maps:
+        if settings.save_maps and evaluation.saved_maps is not None:
             save_npz(out_dir / "maps" / f"rank{world.rank:05d}.npz", **evaluation.saved_maps)
         if world.is_main:
             write_reports(evaluation, split, out_dir, split_info, settings, console=console,
-                          cue_cumulative=cfg.eval.cue_cumulative)
+                          cue_cumulative=cfg.eval.cue_cumulative, sections=sections)
             console.print(f"results: {out_dir / 'results.json'}")
     return 0

@@ -16,7 +16,9 @@ import torch
 
 from calm_fast import report
 from calm_fast.atomic import save_npz, write_json
+from calm_fast.evaluate.attribution.benchmarks import remove_classify_report
 from calm_fast.evaluate.attribution.cue import CueLocalization
+from calm_fast.evaluate.headline import headline_numbers
 from calm_fast.evaluate.job import Evaluation, ground_truth
 from calm_fast.evaluate.scoring import V1_IOU, EvalSettings
 from calm_fast.metrics import normalize_scoremaps
@@ -28,18 +30,22 @@ RESULTS_FORMAT = "calm-fast-eval/1"
 
 
 def write_reports(evaluation: Evaluation, split, out_dir: Path, info: dict[str, Any], settings: EvalSettings,
-                  console=None, cue_cumulative: bool = True) -> dict[str, Any]:
+                  console=None, cue_cumulative: bool = True,
+                  sections: dict[str, Any] | None = None) -> dict[str, Any]:
     """results.json, metric_state.npz, plots, overlays and per-class files for one split (rank 0); with
     cue localization also its results (and the reference's cumulative number when `cue_cumulative`) and
-    one grid of cue maps per map."""
+    one grid of cue maps per map. `sections`: more benchmarks' results (e.g. "remove_classify"), added to
+    results.json as they are; the "headline" (`headline_numbers`) covers them all."""
     out_dir = Path(out_dir)
     results = {"format": RESULTS_FORMAT, **info, "dataset": split.dataset, "split": split.split,
                "num_images": evaluation.num_images, "num_classes": split.num_classes,
                "cam_curve_interval": settings.cam_curve_interval,
                "iou_thresholds": list(settings.iou_thresholds), "multi_contour": settings.multi_contour,
-               "seconds": round(evaluation.seconds, 3), "cost": evaluation.cost, "maps": evaluation.results}
+               "seconds": round(evaluation.seconds, 3), "cost": evaluation.cost, "maps": evaluation.results,
+               **(sections or {})}
     if evaluation.cue is not None:
         results["cue"] = evaluation.cue.results(cumulative=cue_cumulative)
+    results["headline"] = headline_numbers(results)
     write_json(out_dir / "results.json", results)
     save_npz(out_dir / "metric_state.npz", **{f"{name}/{key}": value for name, state in evaluation.state.items()
                                                for key, value in state.items()})
@@ -53,6 +59,8 @@ def write_reports(evaluation: Evaluation, split, out_dir: Path, info: dict[str, 
                                      title=f"{split.dataset} {split.split}, |{name} y1 - {name} y2| "
                                            "(stretched for display); differing parts outlined")
     report.print_results(results, console=console)
+    if "remove_classify" in results:
+        remove_classify_report(results, out_dir, console=console)
     return results
 
 
