@@ -15,15 +15,20 @@ Layout (see the data specification): ``<metadata_root>/<dataset>/<split>/`` hold
 ``parts.txt``                part annotations of the synthetic sets (format in the README, "The synthetic dataset")
 ==========================  ==================================================================
 
-Every problem is reported as a :class:`MetadataError` naming the file and the line. The only
-repair is the one real datasets need: a box that extends one pixel past the image is clipped to the
-image, and counted in ``WSOLSplit.repairs["box_clipped_1px"]``.
+Every problem is reported as a :class:`MetadataError` naming the file and the line. Every path in these
+files (image ids, mask and part-mask paths) must stay inside its root: a relative path without ``..``
+components (symlinks inside the root are followed: they are the dataset owner's choice). The labels are
+bounded by the class count the caller gives, else the one the dataset declares (``synthetic.json`` of
+calm-fast's synthetic sets), else (library use only) the largest label + 1. The only repair is the one
+real datasets need: a box that extends one pixel past the image is clipped to the image, and counted in
+``WSOLSplit.repairs["box_clipped_1px"]``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +45,7 @@ __all__ = [
     "default_image_root",
     "default_metadata_root",
     "read_image_size",
+    "declared_num_classes",
 ]
 
 SPLITS = ("train", "val", "test")
@@ -205,6 +211,15 @@ def _number(path: Path, line_no: int, token: str, what: str) -> float:
     return value
 
 
+def _inside_root(path: Path, line_no: int, token: str, what: str) -> str:
+    """``token`` unchanged if it is a relative path that cannot leave its root (no ``..``, not absolute)."""
+    # String tests rather than Path objects: image_ids.txt of ILSVRC has 1.28 M lines.
+    if token.startswith("/") or "\x00" in token or (".." in token and ".." in token.split("/")):
+        raise MetadataError(f"{path}:{line_no}: {what} {token!r} must be a relative path inside its root "
+                            "(no '..', not absolute)")
+    return token
+
+
 class _IdIndex:
     """image_ids.txt: the key of every other file, with the checks that tie the files together."""
 
@@ -218,6 +233,7 @@ class _IdIndex:
                 raise MetadataError(f"{path}:{line_no}: empty line")
             if "," in image_id:
                 raise MetadataError(f"{path}:{line_no}: image path contains a comma: {image_id!r}")
+            _inside_root(path, line_no, image_id, "image path")
             if image_id in self.index:
                 first = self.index[image_id] + 1
                 raise MetadataError(f"{path}:{line_no}: duplicated image id {image_id!r} (first on line {first})")
@@ -356,6 +372,9 @@ def _read_masks(path: Path, lines: list[str], ids: _IdIndex, mask_root: Path, pr
             continue
         if not mask_path:
             raise MetadataError(f"{path}:{line_no}: empty mask path for {image_id!r}")
+        _inside_root(path, line_no, mask_path, "mask path")
+        if ignore_path:
+            _inside_root(path, line_no, ignore_path, "ignore path")
         first_of_image = not mask_paths[i]
         if ignore_path and not first_of_image and ignore[i] != mask_root / ignore_path:
             raise MetadataError(
@@ -393,6 +412,7 @@ def _read_parts(path: Path, ids: _IdIndex, image_root: Path, proxy: bool) -> lis
             raise MetadataError(f"{path}:{line_no}: part box of {image_id!r} has x1<x0 or y1<y0: {coords}")
         if flag not in ("0", "1"):
             raise MetadataError(f"{path}:{line_no}: discriminative must be 0 or 1, got {flag!r}")
+        _inside_root(path, line_no, mask_path, "part mask path")
         if mask_paths[i] is not None and mask_paths[i] != image_root / mask_path:
             raise MetadataError(f"{path}:{line_no}: part mask of {image_id!r} differs from its first line's")
         mask_paths[i] = image_root / mask_path
@@ -404,6 +424,20 @@ def _read_parts(path: Path, ids: _IdIndex, image_root: Path, proxy: bool) -> lis
         ImageParts(names[i], np.array(boxes[i], dtype=np.int64), np.array(flags[i], dtype=bool), mask_paths[i])
         for i in range(len(ids.ids))
     ]
+
+
+def declared_num_classes(metadata_root: str | Path, dataset: str) -> int | None:
+    """The class count a dataset declares (``<metadata_root>/<dataset>/synthetic.json``), or None."""
+    path = Path(metadata_root) / dataset / "synthetic.json"
+    if not path.is_file():
+        return None
+    try:
+        count = json.loads(path.read_text(encoding="utf-8"))["options"]["num_classes"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise MetadataError(f"{path}: cannot read options.num_classes ({type(error).__name__}: {error})") from None
+    if not isinstance(count, int) or isinstance(count, bool) or count <= 0:
+        raise MetadataError(f"{path}: options.num_classes must be a positive integer, got {count!r}")
+    return count
 
 
 def _check_files_exist(split: WSOLSplit) -> None:
@@ -442,7 +476,7 @@ def read_split(
 
     ``mask_root`` is the folder that mask paths are relative to (default: the image root, as for
     OpenImages, whose masks lie beside the images). ``num_classes`` bounds the labels (default: the
-    largest label + 1). ``check_images`` opens and decodes every image and checks that mask files
+    count the dataset declares, see :func:`declared_num_classes`, else the largest label + 1). ``check_images`` opens and decodes every image and checks that mask files
     exist (slow on big sets). ``proxy`` reads ``image_ids_proxy.txt`` (ILSVRC's training subset)
     instead of ``image_ids.txt``; lines of the other files for images outside it are then skipped.
     Raises :class:`MetadataError` naming the file and line of the first problem.
@@ -452,6 +486,8 @@ def read_split(
         raise MetadataError(f"{folder}: metadata folder not found (expected <metadata_root>/<dataset>/<split>)")
     if num_classes is not None and num_classes <= 0:
         raise ValueError(f"num_classes must be positive, got {num_classes}")
+    if num_classes is None:
+        num_classes = declared_num_classes(metadata_root, dataset)
     image_root = Path(image_root)
     mask_root = Path(mask_root) if mask_root is not None else image_root
 
