@@ -299,3 +299,14 @@ def test_a_malformed_class_declaration_names_the_file(tmp_path):
     for text in ("{", json.dumps({"options": {"num_classes": 0}}), json.dumps({"options": {}})):
         (folder.parent / "synthetic.json").write_text(text)
         assert "synthetic.json" in error_of(tmp_path, box_files())
+
+
+def test_check_image_size_compares_a_decoded_size_with_image_sizes_txt(tmp_path):
+    write_split(tmp_path, box_files())
+    split = read(tmp_path)
+    split.check_image_size(1, (50, 60))  # as image_sizes.txt says
+    with pytest.raises(MetadataError) as error:
+        split.check_image_size(1, (60, 50))
+    message = str(error.value)
+    assert str(split.image_path(1)) in message and "60x50" in message and "image_sizes.txt:2" in message
+    assert "50x60" in message

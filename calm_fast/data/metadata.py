@@ -112,6 +112,8 @@ class WSOLSplit:
     # Sizes known when the split was read (image_sizes.txt, or headers read to check boxes); None: the
     # image_sizes property reads the headers on first use.
     known_sizes: np.ndarray | None = dataclasses.field(default=None, repr=False)
+    # The image_sizes.txt line of each image (1-based), when the sizes came from that file.
+    size_lines: np.ndarray | None = dataclasses.field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -119,6 +121,20 @@ class WSOLSplit:
     def image_path(self, i: int) -> Path:
         """Path of image ``i`` (``image_root / image_ids[i]``)."""
         return self.image_root / self.image_ids[i]
+
+    def check_image_size(self, i: int, size: tuple[int, int]) -> None:
+        """Image ``i`` decoded as ``size`` (width, height): a MetadataError naming the file and the line if
+        image_sizes.txt says otherwise, since its boxes (given in the listed frame) would be misplaced.
+        Every reader of image files (the torch loader, ``calm-fast convert``) calls it."""
+        if self.size_lines is None:
+            return  # sizes from the image headers: the decoded size by construction
+        expected = (int(self.known_sizes[i][0]), int(self.known_sizes[i][1]))
+        if tuple(size) != expected:
+            raise MetadataError(
+                f"{self.image_path(i)}: image is {size[0]}x{size[1]} but "
+                f"{self.metadata_dir / 'image_sizes.txt'}:{int(self.size_lines[i])} says "
+                f"{expected[0]}x{expected[1]}: its boxes would be misplaced"
+            )
 
     @functools.cached_property
     def image_sizes(self) -> np.ndarray:
@@ -282,11 +298,13 @@ def _read_labels(path: Path, ids: _IdIndex, num_classes: int | None, proxy: bool
     return labels
 
 
-def _read_sizes(path: Path, ids: _IdIndex, proxy: bool) -> np.ndarray | None:
+def _read_sizes(path: Path, ids: _IdIndex, proxy: bool) -> tuple[np.ndarray, np.ndarray] | tuple[None, None]:
+    """(sizes [N, 2], the line of each) or (None, None) when the file is missing or empty."""
     lines = _read_lines(path, required=False)
     if not lines:
-        return None  # read from image headers on demand
+        return None, None  # read from image headers on demand
     sizes = np.zeros((len(ids.ids), 2), dtype=np.int64)
+    line_of = np.zeros(len(ids.ids), dtype=np.int64)
     seen = np.zeros(len(ids.ids), dtype=bool)
     for line_no, line in enumerate(lines, 1):
         image_id, width, height = _fields(path, line_no, line, 3, "'path,width,height'")
@@ -300,9 +318,10 @@ def _read_sizes(path: Path, ids: _IdIndex, proxy: bool) -> np.ndarray | None:
         if w <= 0 or h <= 0:
             raise MetadataError(f"{path}:{line_no}: image size {w}x{h} of {image_id!r} is not positive")
         sizes[i] = (w, h)
+        line_of[i] = line_no
         seen[i] = True
     ids.require_all(seen, path)
-    return sizes
+    return sizes, line_of
 
 
 def _localization_kind(path: Path, lines: list[str]) -> str:
@@ -498,7 +517,7 @@ def read_split(
     labels = _read_labels(folder / "class_labels.txt", ids, num_classes, proxy)
     if num_classes is None:
         num_classes = int(labels.max()) + 1
-    sizes = _read_sizes(folder / "image_sizes.txt", ids, proxy)
+    sizes, size_lines = _read_sizes(folder / "image_sizes.txt", ids, proxy)
 
     repairs: dict[str, int] = {}
     boxes = masks = None
@@ -542,6 +561,7 @@ def read_split(
         metadata_dir=folder,
         repairs=repairs,
         known_sizes=sizes if sizes is not None else (header_sizes[0] if header_sizes else None),
+        size_lines=size_lines,
     )
     if check_images:
         _check_files_exist(result)
