@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from calm_fast import head
-from calm_fast.modes import Prior
+from calm_fast.modes import MapKind, Objective, Prior
 
 
 def naive_probabilities(class_logits, location_scores, prior):
@@ -206,7 +206,7 @@ LOSS_BACKENDS = ("torch", "triton")
 
 
 @pytest.mark.parametrize("backend", LOSS_BACKENDS)
-@pytest.mark.parametrize("prior", head.PRIORS)
+@pytest.mark.parametrize("prior", list(Prior))
 @pytest.mark.parametrize("objective", ("em", "ml"))
 @pytest.mark.parametrize("tensor", ("class_logits", "location_scores"))
 @pytest.mark.parametrize("value", (float("nan"), float("inf")))
@@ -233,7 +233,7 @@ def test_cam_loss_with_a_nan_logit_is_nan(backend):
 
 
 @pytest.mark.parametrize("backend", LOSS_BACKENDS)
-@pytest.mark.parametrize("objective", head.OBJECTIVES)
+@pytest.mark.parametrize("objective", list(Objective))
 def test_labels_of_the_wrong_shape_or_type_are_refused(backend, objective):
     s, a = random_inputs(seed=13)
     with pytest.raises(ValueError, match=r"labels must have shape \[B\] = \(3,\), got \(2,\)"):
@@ -246,7 +246,7 @@ def test_labels_of_the_wrong_shape_or_type_are_refused(backend, objective):
 
 
 @pytest.mark.parametrize("backend", LOSS_BACKENDS)
-@pytest.mark.parametrize("objective", head.OBJECTIVES)
+@pytest.mark.parametrize("objective", list(Objective))
 @pytest.mark.parametrize("bad", (5, -1))
 def test_out_of_range_labels_name_the_range(backend, objective, bad):
     s, a = random_inputs(seed=14)  # K = 5
@@ -254,7 +254,7 @@ def test_out_of_range_labels_name_the_range(backend, objective, bad):
         head.calm_loss(s, a, torch.tensor([0, bad, 2]), objective, backend=backend)
 
 
-@pytest.mark.parametrize("kind", head.MAP_KINDS)
+@pytest.mark.parametrize("kind", list(MapKind))
 def test_attribution_map_checks_labels_too(kind):
     s, a = random_inputs(seed=15)
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 5\), got 7"):
