@@ -60,7 +60,7 @@ class DataConfig:
     val_image_root: str | None = None
     test_image_root: str | None = None
     mask_root: str | None = None  # mask datasets (OpenImages): folder that holds the instance PNGs
-    num_classes: int | None = None  # None: read from the train split's labels
+    num_classes: int | None = None  # None: the count the dataset declares (synthetic sets); else required
     input_size: int = 224
     resize_size: int = 256
     batch_size: int = 64  # global: summed over ranks and gradient-accumulation steps

@@ -310,3 +310,25 @@ def test_check_image_size_compares_a_decoded_size_with_image_sizes_txt(tmp_path)
     message = str(error.value)
     assert str(split.image_path(1)) in message and "60x50" in message and "image_sizes.txt:2" in message
     assert "50x60" in message
+
+
+# ---- read_configured_split: every split of a run is bounded by one configured class count
+
+
+def test_a_configured_split_bounds_every_split_by_the_configured_class_count(tmp_path):
+    from calm_fast.config import ConfigError, load_config
+    from calm_fast.data.splits import read_configured_split
+
+    for split in ("train", "val"):
+        write_split(tmp_path, box_files(), split=split)  # labels 0, 2, 1
+    cfg = load_config(None, [f"data.root={tmp_path}", "data.dataset=TOY", f"data.train_image_root={tmp_path}",
+                             f"data.val_image_root={tmp_path}", "data.num_classes=2"])
+    for split in ("train", "val"):  # the training split too: a typo must not build a bigger model
+        with pytest.raises(MetadataError, match=rf"{split}/class_labels.txt:2: label 2 of 'a/2.jpg' out of range"):
+            read_configured_split(cfg, split)
+    # Without data.num_classes and without a count the dataset declares, the count is not guessed.
+    cfg = load_config(None, [f"data.root={tmp_path}", "data.dataset=TOY", f"data.train_image_root={tmp_path}"])
+    with pytest.raises(ConfigError, match="data.num_classes"):
+        read_configured_split(cfg, "train")
+    (tmp_path / "metadata" / "TOY" / "synthetic.json").write_text(json.dumps({"options": {"num_classes": 3}}))
+    assert read_configured_split(cfg, "train").num_classes == 3

@@ -36,7 +36,7 @@ from calm_fast.train.optim import build_optimizer, deepspeed_config, lr_factor
 
 
 def read_splits(cfg: Config):
-    """(train split, val split) as WSOLSplit; the val labels are bounded by the train split's classes."""
+    """(train split, val split) as WSOLSplit, both bounded by the configured class count."""
     train_split = read_configured_split(cfg, cfg.data.train_split)
     return train_split, read_configured_split(cfg, cfg.data.val_split, train_split.num_classes)
 
