@@ -134,10 +134,9 @@ class _SplitImages:
     _PLACEHOLDER = np.zeros((1, 1, 3), dtype=np.uint8)
 
     def __init__(self, split: WSOLSplit, options: ConvertOptions, report_dir: Path, worker_registry: Path, abort):
+        self.split = split
         self.paths = [str(split.image_path(i)) for i in range(len(split))]
         self.labels = split.labels
-        self.expected_sizes = split.known_sizes
-        self.sizes_file = split.metadata_dir / "image_sizes.txt"
         self.options = options
         self.report_dir = str(report_dir)
         self.worker_registry = str(worker_registry)
@@ -156,9 +155,9 @@ class _SplitImages:
             return self._PLACEHOLDER, label, i
         try:
             pixels, repairs, size = load_for_storage(self.paths[i], self.options.max_resolution, self.options.allow_truncated)
-            self._check_size(i, size)
+            self.split.check_image_size(i, size)
         except Exception as error:  # any failure must reach the main process, not kill the worker
-            message = str(error) if isinstance(error, ImageProblem) else \
+            message = str(error) if isinstance(error, (ImageProblem, MetadataError)) else \
                 f"{self.paths[i]}: {type(error).__name__}: {error}"
             self._report({"index": int(i), "error": message})
             self.abort.set()
@@ -166,16 +165,6 @@ class _SplitImages:
         if repairs:
             self._report({"index": int(i), "repairs": repairs})
         return pixels, label, i
-
-    def _check_size(self, i: int, size: tuple[int, int]) -> None:
-        if self.expected_sizes is None:
-            return
-        expected = tuple(int(v) for v in self.expected_sizes[i])
-        if size != expected:
-            raise ImageProblem(
-                f"{self.paths[i]}: image is {size[0]}x{size[1]} but {self.sizes_file} says "
-                f"{expected[0]}x{expected[1]}: its boxes would be misplaced"
-            )
 
     def _report(self, record: dict) -> None:
         with open(os.path.join(self.report_dir, f"{os.getpid()}.jsonl"), "a", encoding="utf-8") as file:
