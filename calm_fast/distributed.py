@@ -123,15 +123,24 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     NCCL has no CPU path, so under NCCL a CPU tensor makes the round trip through this rank's GPU; callers
     keep their small bookkeeping tensors (counts, losses, metric state) wherever is convenient.
     """
+    return _all_reduce(tensor, "SUM")
+
+
+def all_reduce_min(tensor: torch.Tensor) -> torch.Tensor:
+    """Minimum over ranks, in place, as all_reduce_sum sums."""
+    return _all_reduce(tensor, "MIN")
+
+
+def _all_reduce(tensor: torch.Tensor, op: str) -> torch.Tensor:
     dist = torch.distributed
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return tensor
     if tensor.device.type == "cpu" and dist.get_backend() == "nccl":
         on_device = tensor.to(torch.device("cuda", torch.cuda.current_device()))
-        dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
+        dist.all_reduce(on_device, op=getattr(dist.ReduceOp, op))
         tensor.copy_(on_device)
     else:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op))
     return tensor
 
 
