@@ -211,11 +211,27 @@ def test_a_loader_label_that_disagrees_with_the_split_is_an_error(split):
         evaluate_maps(OracleMaps(split), split, wrong_labels(), EvalSettings())
 
 
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_a_non_finite_map_is_an_error_naming_the_image_not_a_zero_map(split, value):
+    class BrokenMaps(OracleMaps):
+        def __call__(self, images, labels, indices):
+            batch = super().__call__(images, labels, indices)
+            maps = batch.maps["oracle"].copy()
+            maps[indices.numpy() == 7, 10, 10] = value
+            return MapBatch(maps={"oracle": maps}, pred_classes=batch.pred_classes)
+
+    with pytest.raises(ValueError) as error:
+        evaluate_maps(BrokenMaps(split), split, batches(split), EvalSettings())
+    assert "'oracle' map of sample 7" in str(error.value) and split.image_ids[7] in str(error.value)
+    assert "not finite" in str(error.value)
+
+
 def test_settings_and_map_kinds_are_checked():
     with pytest.raises(ValueError, match="cam_curve_interval"):
         EvalSettings(cam_curve_interval=1.0)
-    with pytest.raises(ValueError, match="iou_thresholds"):
-        EvalSettings(iou_thresholds=(0, 50))
+    for bad in ((0, 50), (100,), (0.5,), ()):
+        with pytest.raises(ValueError, match="iou_thresholds must be integer percents in"):
+            EvalSettings(iou_thresholds=bad)
     with pytest.raises(ValueError, match="needs a CALM model"):
         check_map_kinds(("joint",), "cam")
     with pytest.raises(ValueError, match="expected one of"):

@@ -107,7 +107,8 @@ def _evaluate_shard(map_fn: MapFn, split, loader, settings: EvalSettings, progre
             # Ground truth is read once per batch and shared by every map.
             boxes, masks = ground_truth(split, indices_np, split.boxes is not None, split.masks is not None)
             for name, raw in raw_maps.items():
-                shard.metrics[name].update(normalize_scoremaps(raw), labels_np, pred, boxes, masks)
+                names = [f"the {name!r} map of sample {i} ({split.image_ids[i]!r})" for i in indices_np.tolist()]
+                shard.metrics[name].update(normalize_scoremaps(raw, names=names), labels_np, pred, boxes, masks)
             clock = _lap(shard.seconds, "wsol", clock)
         if cue is not None:
             if batch.class_maps is None:

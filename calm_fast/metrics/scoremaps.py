@@ -21,13 +21,15 @@ def cam_thresholds(cam_curve_interval: float) -> np.ndarray:
     return np.arange(0, 1, interval)
 
 
-def normalize_scoremaps(cams: Sequence | np.ndarray, size: int = SCOREMAP_SIZE) -> np.ndarray:
+def normalize_scoremaps(cams: Sequence | np.ndarray, size: int = SCOREMAP_SIZE,
+                        names: Sequence[str] | None = None) -> np.ndarray:
     """Resize each 2-D map to size x size (OpenCV bicubic, on float64) and min-max it to [0, 1].
 
     A map whose resized values are all equal becomes all zeros. Bicubic resizing of some constants leaves
     ~1e-15 ripples that min-max then stretches to [0, 1]; that is the reference's behaviour and is kept.
     A map with a NaN or ±inf is a ValueError naming it: the reference turns it into zeros (±inf through
-    the NaN the resize makes of it), which gives a broken model numbers. Returns float64 [N, size, size].
+    the NaN the resize makes of it), which gives a broken model numbers. ``names`` name the maps in errors
+    (default ``cams[i]``). Returns float64 [N, size, size].
     """
     out = np.zeros((len(cams), size, size), np.float64)
     for i, cam in enumerate(cams):
@@ -35,7 +37,8 @@ def normalize_scoremaps(cams: Sequence | np.ndarray, size: int = SCOREMAP_SIZE) 
         if cam.ndim != 2 or cam.size == 0:
             raise ValueError(f"cams[{i}] must be a non-empty 2-D map, got shape {cam.shape}")
         if not np.isfinite(cam).all():
-            raise ValueError(f"cams[{i}] is not finite ({int(np.isnan(cam).sum())} NaN, "
+            name = names[i] if names is not None else f"cams[{i}]"
+            raise ValueError(f"{name} is not finite ({int(np.isnan(cam).sum())} NaN, "
                              f"{int(np.isinf(cam).sum())} ±inf values): the model's maps are broken")
         resized = cv2.resize(cam, (size, size), interpolation=cv2.INTER_CUBIC)
         if resized.min() == resized.max():
