@@ -43,13 +43,14 @@ def read_splits(cfg: Config):
     return train_split, read_configured_split(cfg, cfg.data.val_split, train_split.num_classes)
 
 
-def validate(engine, val_loader, val_split, cfg: Config, world: World, dtype: torch.dtype) -> dict[str, Any]:
+def validate(engine, val_loader, val_split, cfg: Config, world: World, dtype: torch.dtype,
+             watchdog: Watchdog) -> dict[str, Any]:
     """Validation on the val split, every rank a shard. With train.val_localization: the metrics of
     `calm-fast eval` (calm_fast.evaluate.evaluate_model: classification and MaxBoxAccV2 / PxAP);
-    otherwise only top-1 classification accuracy, counted here. Collective."""
+    otherwise only top-1 classification accuracy, counted here. Collective; the watchdog hears every batch."""
     model = engine.module
     if cfg.train.val_localization:
-        metrics = evaluate_model(model, val_split, cfg, world=world, dtype=dtype)
+        metrics = evaluate_model(model, val_split, cfg, world=world, dtype=dtype, heartbeat=watchdog.beat)
         return {key: value for key, value in metrics.items() if isinstance(value, (int, float, str))}
     was_training = model.training
     model.eval()
@@ -60,6 +61,7 @@ def validate(engine, val_loader, val_split, cfg: Config, world: World, dtype: to
             predicted = class_log_probs(class_logits, location_scores, cfg.model.method, cfg.model.prior).argmax(1)
             counts[0] += int((predicted.cpu() == labels.cpu()).sum())
             counts[1] += len(labels)
+            watchdog.beat("validation")
     all_reduce_sum(counts)
     model.train(was_training)
     return {"cls_top1_acc": 100.0 * counts[0].item() / max(1, counts[1].item()), "num_images": counts[1].item()}
@@ -191,7 +193,7 @@ def _train(cfg: Config, world: World, watchdog: Watchdog, resume: bool) -> dict[
                 val_every = cfg.train.val_every
                 if val_every and ((epoch_end and (step // steps_per_epoch) % val_every == 0) or stop_reason):
                     divergence.check(f"the validation of step {step}")
-                    last_val = validate(engine, val_loader, val_split, cfg, world, dtype)
+                    last_val = validate(engine, val_loader, val_split, cfg, world, dtype, watchdog)
                     watchdog.beat(f"validation at step {step}")
                     log.record({"kind": "val", "step": step, "epoch": step / steps_per_epoch, **last_val})
                 window.paused += time.perf_counter() - paused_from
