@@ -226,6 +226,21 @@ def test_a_nan_or_inf_input_gives_a_non_finite_loss(backend, prior, objective, t
 
 
 @pytest.mark.parametrize("backend", LOSS_BACKENDS)
+@pytest.mark.parametrize("objective", ("em", "ml"))
+@pytest.mark.parametrize("channel", (1, 5))  # a class channel, the location channel
+@pytest.mark.parametrize("value", (float("nan"), float("inf")))
+def test_the_merged_training_loss_is_not_finite_either(backend, objective, channel, value):
+    s, a = random_inputs(seed=16)
+    maps = torch.cat([s, a, torch.zeros(3, 2, 4, 6)], dim=1)
+    labels = torch.tensor([0, 4, 2])
+    assert torch.isfinite(head.merged_loss(maps, labels, 5, objective, backend=backend))
+    maps[2, channel, 1, 1] = value
+    assert not torch.isfinite(head.merged_loss(maps, labels, 5, objective, backend=backend))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 5\), got 5"):
+        head.merged_loss(maps, torch.tensor([0, 5, 2]), 5, objective, backend=backend)
+
+
+@pytest.mark.parametrize("backend", LOSS_BACKENDS)
 def test_cam_loss_with_a_nan_logit_is_nan(backend):
     s, a = random_inputs(seed=12)
     s[0, 1, 0, 0] = float("nan")
