@@ -5,6 +5,8 @@ number of classes. Training, validation and `calm-fast eval` read their splits t
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from calm_fast.config import Config, ConfigError
 from calm_fast.data.metadata import (
     WSOLSplit,
@@ -23,7 +25,7 @@ def read_configured_split(cfg: Config, split_name: str, num_classes: int | None 
     data = cfg.data
     metadata_root = data.metadata_root or default_metadata_root(data.root)
     num_classes = num_classes or data.num_classes or declared_num_classes(metadata_root, data.dataset)
-    if num_classes is None:
+    if num_classes is None and (Path(metadata_root) / data.dataset / split_name).is_dir():  # else: not found
         raise ConfigError(f"data.num_classes is not set and {data.dataset!r} declares no class count: set "
                           "data.num_classes to the dataset's number of classes (CUB 200, ILSVRC 1000, "
                           "OpenImages 100)")
