@@ -60,7 +60,7 @@ class DataConfig:
     val_image_root: str | None = None
     test_image_root: str | None = None
     mask_root: str | None = None  # mask datasets (OpenImages): folder that holds the instance PNGs
-    num_classes: int | None = None  # None: read from the train split's labels
+    num_classes: int | None = None  # None: the count the dataset declares (synthetic sets); else required
     input_size: int = 224
     resize_size: int = 256
     batch_size: int = 64  # global: summed over ranks and gradient-accumulation steps
@@ -312,6 +312,7 @@ def _choice(cfg_value, choices, key, origin):
 def validate(cfg: Config, origin: dict[str, str] | None = None) -> None:
     """Check choices and ranges that the types alone do not catch."""
     origin = origin or {}
+    _check_finite(cfg, origin)
     _choice(cfg.model.method, tuple(Method), "model.method", origin)
     _choice(cfg.model.prior, tuple(Prior), "model.prior", origin)
     _choice(cfg.train.precision, tuple(Precision), "train.precision", origin)
@@ -330,10 +331,12 @@ def validate(cfg: Config, origin: dict[str, str] | None = None) -> None:
         "train.epochs": cfg.train.epochs, "train.grad_accum": cfg.train.grad_accum,
         "train.keep_last": cfg.train.keep_last, "train.log_every": cfg.train.log_every,
         "optim.lr_decay_frequency": cfg.optim.lr_decay_frequency, "eval.batch_size": cfg.eval.batch_size,
+        "optim.lr": cfg.optim.lr, "optim.lr_decay_factor": cfg.optim.lr_decay_factor,
         "dist.timeout_minutes": cfg.dist.timeout_minutes, "dist.watchdog_minutes": cfg.dist.watchdog_minutes,
     }
     non_negative = {
-        "data.workers": cfg.data.workers, "optim.lr": cfg.optim.lr, "optim.weight_decay": cfg.optim.weight_decay,
+        "data.workers": cfg.data.workers, "optim.head_lr_multiplier": cfg.optim.head_lr_multiplier,
+        "optim.weight_decay": cfg.optim.weight_decay,
         "optim.warmup_steps": cfg.optim.warmup_steps, "optim.grad_clip": cfg.optim.grad_clip,
         "train.checkpoint_every": cfg.train.checkpoint_every, "train.val_every": cfg.train.val_every,
     }
@@ -343,6 +346,19 @@ def validate(cfg: Config, origin: dict[str, str] | None = None) -> None:
     for key, value in non_negative.items():
         if not value >= 0:
             raise ConfigError(f"{_where(origin, key)}: {key} must be >= 0, got {value!r}")
+    if not 0 <= cfg.optim.momentum < 1:
+        raise ConfigError(f"{_where(origin, 'optim.momentum')}: optim.momentum must lie in [0, 1), "
+                          f"got {cfg.optim.momentum!r}")
+    if not 0 <= cfg.optim.min_lr_ratio <= 1:
+        raise ConfigError(f"{_where(origin, 'optim.min_lr_ratio')}: optim.min_lr_ratio must lie in [0, 1], "
+                          f"got {cfg.optim.min_lr_ratio!r}")
+    if cfg.optim.nesterov and cfg.optim.momentum == 0:
+        raise ConfigError(f"{_where(origin, 'optim.nesterov')}: optim.nesterov needs optim.momentum > 0 "
+                          "(set optim.nesterov = false for plain SGD)")
+    ious = cfg.eval.iou_thresholds
+    if not ious or not all(0 < delta < 100 for delta in ious):
+        raise ConfigError(f"{_where(origin, 'eval.iou_thresholds')}: eval.iou_thresholds must be integer "
+                          f"percents in (0, 100), such as [30, 50, 70]; got {ious!r}")
     if cfg.train.max_steps is not None and cfg.train.max_steps <= 0:
         raise ConfigError(f"{_where(origin, 'train.max_steps')}: train.max_steps must be > 0 or absent")
     if cfg.train.max_minutes is not None and not (cfg.train.max_minutes > 0 and math.isfinite(cfg.train.max_minutes)):
@@ -358,6 +374,17 @@ def validate(cfg: Config, origin: dict[str, str] | None = None) -> None:
         raise ConfigError(f"{_where(origin, 'model.prior')}: model.prior only applies to CALM methods")
     if cfg.model.method == "cam" and cfg.eval.map_kind in ("joint", "posterior", "prior"):
         raise ConfigError(f"{_where(origin, 'eval.map_kind')}: eval.map_kind={cfg.eval.map_kind!r} {CAM_MAPS_ONLY}")
+
+
+def _check_finite(cfg: Config, origin: dict[str, str]) -> None:
+    """No setting may be NaN or ±inf (TOML has both): an infinite LR trains a model of NaNs to the end."""
+    for section in SECTIONS:
+        for field_ in dataclasses.fields(getattr(cfg, section)):
+            value = getattr(getattr(cfg, section), field_.name)
+            values = value if isinstance(value, list) else [value]
+            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+                key = f"{section}.{field_.name}"
+                raise ConfigError(f"{_where(origin, key)}: {key} must be a finite number, got {value!r}")
 
 
 # --------------------------------------------------------------------------------------------- writing

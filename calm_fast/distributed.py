@@ -16,6 +16,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 
 import torch
@@ -123,15 +124,24 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     NCCL has no CPU path, so under NCCL a CPU tensor makes the round trip through this rank's GPU; callers
     keep their small bookkeeping tensors (counts, losses, metric state) wherever is convenient.
     """
+    return _all_reduce(tensor, "SUM")
+
+
+def all_reduce_min(tensor: torch.Tensor) -> torch.Tensor:
+    """Minimum over ranks, in place, as all_reduce_sum sums."""
+    return _all_reduce(tensor, "MIN")
+
+
+def _all_reduce(tensor: torch.Tensor, op: str) -> torch.Tensor:
     dist = torch.distributed
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return tensor
     if tensor.device.type == "cpu" and dist.get_backend() == "nccl":
         on_device = tensor.to(torch.device("cuda", torch.cuda.current_device()))
-        dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
+        dist.all_reduce(on_device, op=getattr(dist.ReduceOp, op))
         tensor.copy_(on_device)
     else:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op))
     return tensor
 
 
@@ -139,6 +149,17 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank when `flag` is True on at least one (a collective: call it on all ranks)."""
     value = torch.tensor([1.0 if flag else 0.0], device=device)
     return bool(all_reduce_sum(value).item() > 0)
+
+
+def report_rank_failure(command: str, error: BaseException) -> int:
+    """A rank of a multi-rank job failed: print the traceback and which rank failed, and return the exit
+    status (1). The launcher then stops the other ranks; since a collective error is often only the echo of
+    another rank's death, the message says where to look."""
+    traceback.print_exc()
+    print(f"[calm-fast] {command} rank {os.environ.get('RANK', '?')} failed: {type(error).__name__}: {error}. "
+          "If this is a communication error, another rank probably died first: look for its message above.",
+          file=sys.stderr, flush=True)
+    return 1
 
 
 class Watchdog:

@@ -16,6 +16,12 @@ nothing overflows for logits of ±1e4 and nothing is NaN. Choices that differ fr
 - the reference adds 1e-8 to prior entries below 1e-8 before its EM log; here log p(z) is exact (-inf on
   cells with zero prior, which then carry zero posterior and contribute nothing).
 
+Non-finite inputs are never hidden: a NaN or +inf in S or a makes the results of that image NaN or inf
+(so the loss is not finite), never a zero-prior cell or a dropped term. (-inf is a logit's limit, a zero
+probability, and is computed as such.) Labels must be an integer tensor [B]; a label outside [0, K) is a
+ValueError for CPU tensors and makes the loss (or that image's map) NaN on CUDA, where checking it would
+cost a host sync on every step (the data layer bounds the labels by the configured class count).
+
 The plain-PyTorch functions are the oracle that the kernels in `calm_fast.kernels` are tested against:
 the training loss is one fused op (kernels/calm_loss.py), the all-class marginal for evaluation another
 (kernels/calm_head.py). `backend="auto"` uses the kernels for CUDA tensors and PyTorch elsewhere; the
@@ -31,7 +37,6 @@ import math
 import os
 
 import torch
-import torch.nn.functional as F
 
 from calm_fast.modes import Backend, MapKind, Method, Objective, Prior, parse
 
@@ -53,6 +58,38 @@ def _check_shapes(class_logits: torch.Tensor, location_scores: torch.Tensor | No
     return b, k, h, w
 
 
+def _checked_labels(labels, batch: int, num_classes: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(int64 labels safe to index with, valid-row mask or None): the shape and type checks are free; the
+    range check is a ValueError on CPU, and on CUDA (no host sync) a mask that turns the rows it rejects
+    into NaN."""
+    if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dtype.is_complex \
+            or labels.dtype == torch.bool:
+        got = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise TypeError(f"labels must be an integer tensor (class indices), got {got}")
+    if tuple(labels.shape) != (batch,):
+        raise ValueError(f"labels must have shape [B] = ({batch},), got {tuple(labels.shape)}")
+    labels = labels.long()
+    if labels.device.type == "cpu":
+        if batch and (labels.min() < 0 or labels.max() >= num_classes):
+            bad = labels[(labels < 0) | (labels >= num_classes)][0].item()
+            raise ValueError(f"labels must lie in [0, {num_classes}), got {bad}")
+        return labels, None
+    valid = (labels >= 0) & (labels < num_classes)
+    return labels.clamp(0, num_classes - 1), valid
+
+
+def _nan_where_invalid(values: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """values [B, ...] with the rows of invalid labels set to NaN (nothing to do when valid is None)."""
+    if valid is None:
+        return values
+    return torch.where(valid.view(-1, *([1] * (values.dim() - 1))), values, float("nan"))
+
+
+def _nan_unless_valid(loss: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """A batch loss, NaN when any label was invalid (nothing to do when valid is None)."""
+    return loss if valid is None else torch.where(valid.all(), loss, float("nan"))
+
+
 def _flatten_inputs(class_logits: torch.Tensor, location_scores: torch.Tensor):
     """[B,K,H,W], [B,1,H,W] -> fp32 [B,K,N], [B,N], after checking the shapes agree."""
     b, k, h, w = _check_shapes(class_logits, location_scores)
@@ -64,13 +101,14 @@ def log_prior(location_scores_flat: torch.Tensor, prior: str = "relu") -> torch.
     prior = parse(Prior, prior, "prior")
     if prior == "softmax":
         return torch.log_softmax(location_scores_flat, dim=1)
-    r = torch.relu(location_scores_flat)
-    positive = r > 0
+    r = torch.relu(location_scores_flat)  # NaN stays NaN
+    # Masks test "== 0", not "> 0": a NaN cell is not a zero-prior cell, so its NaN reaches the results.
+    zero = r == 0
     # log of the substituted 1 keeps the masked branch finite, so its (zero) gradient is not NaN.
-    log_r = torch.where(positive, torch.log(torch.where(positive, r, torch.ones_like(r))), float("-inf"))
+    log_r = torch.where(zero, float("-inf"), torch.log(torch.where(zero, torch.ones_like(r), r)))
     log_norm = torch.logsumexp(log_r, dim=1, keepdim=True).detach()
     uniform = torch.full_like(log_r, -math.log(r.shape[1]))
-    all_zero = ~positive.any(dim=1, keepdim=True)
+    all_zero = zero.all(dim=1, keepdim=True)
     return torch.where(all_zero, uniform, log_r - log_norm)
 
 
@@ -124,24 +162,29 @@ def calm_loss(class_logits, location_scores, labels, objective: str = "em", prio
     (location_scores may be None).
     """
     objective = parse(Objective, objective, "objective")
-    labels = labels.long()
+    if class_logits.dim() != 4:
+        raise ValueError(f"class_logits must be [B, K, H, W], got shape {tuple(class_logits.shape)}")
+    labels, valid = _checked_labels(labels, class_logits.shape[0], class_logits.shape[1])
     if objective == "cam":
-        return F.nll_loss(cam_log_probs(class_logits), labels)
-    if _use_kernels(class_logits, backend):
+        per_image = -cam_log_probs(class_logits).gather(1, labels[:, None]).squeeze(1)
+    elif _use_kernels(class_logits, backend):
         from calm_fast.kernels.calm_loss import calm_loss as fused_loss  # lazy: Triton picks CPU/GPU at import
 
         prior = parse(Prior, prior, "prior")  # the op takes plain strings (its schema's type)
-        return fused_loss(class_logits, labels, class_logits.shape[1], prior.value, objective.value,
+        loss = fused_loss(class_logits, labels, class_logits.shape[1], prior.value, objective.value,
                           location=location_scores)
-    joint = log_joint(class_logits, location_scores, prior)  # [B, K, N]
-    joint_y = joint.gather(1, labels[:, None, None].expand(-1, 1, joint.shape[2])).squeeze(1)  # [B, N]
-    log_marg_y = torch.logsumexp(joint_y, dim=1)
-    if objective == "ml":
-        return -log_marg_y.mean()
-    q = (joint_y - log_marg_y[:, None]).exp().detach()
-    # Cells with q = 0 (zero prior) contribute nothing; where() keeps 0 * -inf from becoming NaN.
-    weighted = torch.where(q > 0, q * joint_y, torch.zeros_like(joint_y))
-    return -weighted.sum(dim=1).mean()
+        return _nan_unless_valid(loss, valid)
+    else:
+        joint = log_joint(class_logits, location_scores, prior)  # [B, K, N]
+        joint_y = joint.gather(1, labels[:, None, None].expand(-1, 1, joint.shape[2])).squeeze(1)  # [B, N]
+        log_marg_y = torch.logsumexp(joint_y, dim=1)
+        per_image = -log_marg_y
+        if objective == "em":
+            q = (joint_y - log_marg_y[:, None]).exp().detach()
+            # Cells with q = 0 (zero prior) contribute nothing; where() keeps 0 * -inf from becoming NaN. The
+            # mask is "q == 0", not "q > 0": a NaN q (a NaN or +inf input) must not be dropped.
+            per_image = -torch.where(q == 0, torch.zeros_like(joint_y), q * joint_y).sum(dim=1)
+    return _nan_where_invalid(per_image, valid).mean()
 
 
 def merged_loss(head_maps, labels, num_classes: int, objective: str = "em", prior: str = "relu", backend=None):
@@ -155,8 +198,9 @@ def merged_loss(head_maps, labels, num_classes: int, objective: str = "em", prio
     if _use_kernels(head_maps, backend):  # the op checks its inputs, once per shape
         from calm_fast.kernels.calm_loss import calm_loss as fused_loss  # lazy: Triton picks CPU/GPU at import
 
+        labels, valid = _checked_labels(labels, head_maps.shape[0], num_classes)
         prior = parse(Prior, prior, "prior")  # the op takes plain strings (its schema's type)
-        return fused_loss(head_maps, labels.long(), num_classes, prior.value, objective.value)
+        return _nan_unless_valid(fused_loss(head_maps, labels, num_classes, prior.value, objective.value), valid)
     if head_maps.dim() != 4 or head_maps.shape[1] < num_classes + 1:
         raise ValueError(f"head_maps must be [B, C, H, W] with C >= num_classes + 1 = {num_classes + 1}, got "
                          f"shape {tuple(head_maps.shape)}")
@@ -171,15 +215,19 @@ def attribution_map(class_logits, location_scores, labels, kind: str = "joint", 
     class = S[y] (raw class logits, the CAM map). location_scores may be None for kind "class".
     """
     kind = parse(MapKind, kind, "kind")
+    if class_logits.dim() != 4:
+        raise ValueError(f"class_logits must be [B, K, H, W], got shape {tuple(class_logits.shape)}")
     b, k, h, w = class_logits.shape
-    labels = labels.long()
+    labels, valid = _checked_labels(labels, b, k)
     if kind == "class":
-        return class_logits.float()[torch.arange(b, device=labels.device), labels]
-    if kind == "prior":  # class-agnostic: S is not needed, so not copied to fp32 either
+        maps = class_logits.float()[torch.arange(b, device=labels.device), labels]
+    elif kind == "prior":  # class-agnostic: S is not needed, so not copied to fp32 either
         _check_shapes(class_logits, location_scores)
-        return log_prior(location_scores.float().reshape(b, h * w), prior).exp().reshape(b, h, w)
-    joint_y = log_joint(class_logits, location_scores, prior)[torch.arange(b, device=labels.device), labels]
-    return _joint_to_map(joint_y, kind).exp().reshape(b, h, w)
+        maps = log_prior(location_scores.float().reshape(b, h * w), prior).exp().reshape(b, h, w)
+    else:
+        joint_y = log_joint(class_logits, location_scores, prior)[torch.arange(b, device=labels.device), labels]
+        maps = _joint_to_map(joint_y, kind).exp().reshape(b, h, w)
+    return _nan_where_invalid(maps, valid)
 
 
 def all_class_maps(class_logits, location_scores, kind: str = "joint", prior: str = "relu"):

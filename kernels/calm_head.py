@@ -71,9 +71,10 @@ PRIORS = ("relu", "softmax")
 
 @triton.jit
 def _safe_log(x):
-    """log x for x >= 0, with log 0 = -inf (computed without taking the log of zero)."""
-    positive = x > 0
-    return tl.where(positive, tl.log(tl.where(positive, x, 1.0)), float("-inf"))
+    """log x for x >= 0, with log 0 = -inf (computed without taking the log of zero). The mask tests
+    "== 0", not "> 0", so that a NaN stays NaN: a NaN or +inf input must reach the outputs, never be hidden."""
+    zero = x == 0
+    return tl.where(zero, float("-inf"), tl.log(tl.where(zero, 1.0, x)))
 
 
 @triton.jit
@@ -97,7 +98,8 @@ def _lse_finish(running_max, running_sum):
 def _prior_logits(a, IS_RELU: tl.constexpr):
     """x with p(z|x) ∝ exp(x_z): a itself (softmax prior) or log relu(a), -inf where relu(a) = 0."""
     if IS_RELU:
-        return _safe_log(tl.maximum(a, 0.0))
+        # propagate_nan: the GPU's default max returns the number of (NaN, 0), which would hide the NaN
+        return _safe_log(tl.maximum(a, 0.0, propagate_nan=tl.PropagateNan.ALL))
     else:
         return a
 

@@ -212,3 +212,44 @@ def test_every_experiment_value_names_its_source(path):
 def test_synthetic_config_loads():
     cfg = load_config(CONFIGS / "synthetic.toml")
     assert cfg.model.backbone == "tiny_resnet" and cfg.data.dataset == "SYNTH"
+
+
+# ---- numbers that would make a run silently useless are refused at load time, naming the key
+
+
+@pytest.mark.parametrize("override, key", [
+    ("optim.lr=inf", "optim.lr"), ("optim.lr=nan", "optim.lr"), ("optim.lr=0", "optim.lr"),
+    ("optim.lr=-0.01", "optim.lr"),
+    ("optim.head_lr_multiplier=-1", "optim.head_lr_multiplier"),
+    ("optim.head_lr_multiplier=inf", "optim.head_lr_multiplier"),
+    ("optim.head_lr_multiplier=nan", "optim.head_lr_multiplier"),
+    ("optim.momentum=nan", "optim.momentum"), ("optim.momentum=1.5", "optim.momentum"),
+    ("optim.weight_decay=inf", "optim.weight_decay"), ("optim.grad_clip=inf", "optim.grad_clip"),
+    ("optim.lr_decay_factor=0", "optim.lr_decay_factor"), ("optim.lr_decay_factor=-inf", "optim.lr_decay_factor"),
+    ("optim.min_lr_ratio=2", "optim.min_lr_ratio"), ("optim.min_lr_ratio=nan", "optim.min_lr_ratio"),
+    ("dist.timeout_minutes=inf", "dist.timeout_minutes"), ("dist.watchdog_minutes=nan", "dist.watchdog_minutes"),
+])
+def test_non_finite_or_useless_numbers_name_the_key(override, key):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, [override])
+    assert key in str(error.value) and repr(override) in str(error.value)
+
+
+def test_a_non_finite_value_in_a_file_names_the_file_and_key(tmp_path):
+    path = write(tmp_path / "bad.toml", "[optim]\nlr = inf\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert str(path) in str(error.value) and "optim.lr" in str(error.value)
+
+
+def test_nesterov_needs_momentum():
+    with pytest.raises(ConfigError, match="optim.nesterov"):
+        load_config(None, ["optim.momentum=0"])
+    assert load_config(None, ["optim.momentum=0", "optim.nesterov=false"]).optim.momentum == 0
+
+
+@pytest.mark.parametrize("value", ["[0.5]", "[0]", "[100]", "[30, 101]", "[-30]", "[]"])
+def test_iou_thresholds_are_checked_when_the_config_loads(value):
+    """Not when validation first runs, hours into training."""
+    with pytest.raises(ConfigError, match=r"eval\.iou_thresholds"):
+        load_config(None, [f"eval.iou_thresholds={value}"])

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -211,11 +212,27 @@ def test_a_loader_label_that_disagrees_with_the_split_is_an_error(split):
         evaluate_maps(OracleMaps(split), split, wrong_labels(), EvalSettings())
 
 
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_a_non_finite_map_is_an_error_naming_the_image_not_a_zero_map(split, value):
+    class BrokenMaps(OracleMaps):
+        def __call__(self, images, labels, indices):
+            batch = super().__call__(images, labels, indices)
+            maps = batch.maps["oracle"].copy()
+            maps[indices.numpy() == 7, 10, 10] = value
+            return MapBatch(maps={"oracle": maps}, pred_classes=batch.pred_classes)
+
+    with pytest.raises(ValueError) as error:
+        evaluate_maps(BrokenMaps(split), split, batches(split), EvalSettings())
+    assert "'oracle' map of sample 7" in str(error.value) and split.image_ids[7] in str(error.value)
+    assert "not finite" in str(error.value)
+
+
 def test_settings_and_map_kinds_are_checked():
     with pytest.raises(ValueError, match="cam_curve_interval"):
         EvalSettings(cam_curve_interval=1.0)
-    with pytest.raises(ValueError, match="iou_thresholds"):
-        EvalSettings(iou_thresholds=(0, 50))
+    for bad in ((0, 50), (100,), (0.5,), ()):
+        with pytest.raises(ValueError, match="iou_thresholds must be integer percents in"):
+            EvalSettings(iou_thresholds=bad)
     with pytest.raises(ValueError, match="needs a CALM model"):
         check_map_kinds(("joint",), "cam")
     with pytest.raises(ValueError, match="expected one of"):
@@ -522,3 +539,52 @@ def test_a_run_folder_is_evaluated_into_itself(experiment, monkeypatch):
     results = json.loads((experiment / "eval" / "test" / "results.json").read_text())
     assert results["checkpoint"] == str(experiment) and set(results["maps"]) == {"joint"}
     assert not list((experiment / "eval" / "test").glob("overlays_*"))
+
+
+@pytest.mark.slow
+def test_a_frozen_rank_ends_the_eval_job_within_the_watchdog_time(experiment, tmp_path):
+    """Two gloo ranks; rank 1 freezes on its first batch. With dist.watchdog_minutes=0.05 (3 s) both ranks
+    must stop within seconds, not after the process-group timeout (dist.timeout_minutes=10)."""
+    from calm_fast.distributed import free_port
+
+    frozen = tmp_path / "frozen"
+    script = (
+        "import os, sys, time\n"
+        "from calm_fast.evaluate import maps\n"
+        "def freeze(self, images, labels, indices):\n"
+        f"    open({str(frozen)!r}, 'w').close()\n"
+        "    time.sleep(3600)\n"
+        "if os.environ['RANK'] == '1':\n"
+        "    maps.BaselineMaps.__call__ = freeze\n"
+        "from calm_fast.cli import main\n"
+        f"sys.exit(main(['eval', '--config', {str(experiment / 'config.toml')!r}, 'dist.watchdog_minutes=0.05',\n"
+        f"               'dist.timeout_minutes=10', '--baseline', 'centre-gaussian', '--out', {str(tmp_path / 'out')!r}]))\n"
+    )
+    port = str(free_port())
+    procs = []
+    for rank in range(2):
+        env = {k: v for k, v in os.environ.items() if k not in LAUNCHER}
+        env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    try:
+        deadline = time.monotonic() + 180
+        while not frozen.exists():
+            assert all(p.poll() is None for p in procs), [p.communicate()[0][-2000:] for p in procs]
+            assert time.monotonic() < deadline, "rank 1 never reached its first batch"
+            time.sleep(0.05)
+        frozen_at = time.monotonic()
+        outputs = []
+        for proc in procs:
+            try:
+                outputs.append(proc.communicate(timeout=max(1.0, frozen_at + 30 - time.monotonic()))[0])
+            except subprocess.TimeoutExpired:
+                pytest.fail("the eval job still runs 30 s after a rank froze")
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert all(proc.returncode != 0 for proc in procs)
+    assert "rank 1: no progress" in outputs[1], outputs[1][-2000:]

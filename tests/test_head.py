@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from calm_fast import head
-from calm_fast.modes import Prior
+from calm_fast.modes import MapKind, Objective, Prior
 
 
 def naive_probabilities(class_logits, location_scores, prior):
@@ -198,3 +198,81 @@ def test_merged_loss_equals_calm_loss_of_the_two_maps(objective):
     assert (grad[:, 5] == 0).all() == (objective == "cam")
     with pytest.raises(ValueError, match="head_maps must be"):
         head.merged_loss(maps[:, :5], labels, 5, "em", backend="torch")
+
+
+# ---- non-finite inputs and bad labels: loud, never a plausible number. Every implementation of the loss
+# is listed here (a new fused op joins LOSS_BACKENDS through calm_fast.head's backend choice).
+LOSS_BACKENDS = ("torch", "triton")
+
+
+@pytest.mark.parametrize("backend", LOSS_BACKENDS)
+@pytest.mark.parametrize("prior", list(Prior))
+@pytest.mark.parametrize("objective", ("em", "ml"))
+@pytest.mark.parametrize("tensor", ("class_logits", "location_scores"))
+@pytest.mark.parametrize("value", (float("nan"), float("inf")))
+def test_a_nan_or_inf_input_gives_a_non_finite_loss(backend, prior, objective, tensor, value):
+    s, a = random_inputs(seed=11)
+    labels = torch.tensor([0, 1, 2])
+    clean = head.calm_loss(s, a, labels, objective, prior, backend=backend)
+    assert torch.isfinite(clean)
+    (s if tensor == "class_logits" else a)[1, 0, 2, 3] = value
+    loss = head.calm_loss(s, a, labels, objective, prior, backend=backend)
+    assert not torch.isfinite(loss), f"{objective} loss {loss.item()} with a {value} in {tensor}"
+    # the other images keep their values: the damage stays in the image it came from
+    log_marginal = head.log_marginal(s, a, prior, backend=backend)
+    assert not torch.isfinite(log_marginal[1]).any()
+    clean_marginal = head.log_marginal(*random_inputs(seed=11), prior, backend=backend)
+    torch.testing.assert_close(log_marginal[[0, 2]], clean_marginal[[0, 2]])
+
+
+@pytest.mark.parametrize("backend", LOSS_BACKENDS)
+@pytest.mark.parametrize("objective", ("em", "ml"))
+@pytest.mark.parametrize("channel", (1, 5))  # a class channel, the location channel
+@pytest.mark.parametrize("value", (float("nan"), float("inf")))
+def test_the_merged_training_loss_is_not_finite_either(backend, objective, channel, value):
+    s, a = random_inputs(seed=16)
+    maps = torch.cat([s, a, torch.zeros(3, 2, 4, 6)], dim=1)
+    labels = torch.tensor([0, 4, 2])
+    assert torch.isfinite(head.merged_loss(maps, labels, 5, objective, backend=backend))
+    maps[2, channel, 1, 1] = value
+    assert not torch.isfinite(head.merged_loss(maps, labels, 5, objective, backend=backend))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 5\), got 5"):
+        head.merged_loss(maps, torch.tensor([0, 5, 2]), 5, objective, backend=backend)
+
+
+@pytest.mark.parametrize("backend", LOSS_BACKENDS)
+def test_cam_loss_with_a_nan_logit_is_nan(backend):
+    s, a = random_inputs(seed=12)
+    s[0, 1, 0, 0] = float("nan")
+    assert torch.isnan(head.calm_loss(s, a, torch.tensor([0, 1, 2]), "cam", backend=backend))
+
+
+@pytest.mark.parametrize("backend", LOSS_BACKENDS)
+@pytest.mark.parametrize("objective", list(Objective))
+def test_labels_of_the_wrong_shape_or_type_are_refused(backend, objective):
+    s, a = random_inputs(seed=13)
+    with pytest.raises(ValueError, match=r"labels must have shape \[B\] = \(3,\), got \(2,\)"):
+        head.calm_loss(s, a, torch.tensor([0, 1]), objective, backend=backend)
+    with pytest.raises(ValueError, match=r"labels must have shape \[B\]"):
+        head.calm_loss(s, a, torch.tensor([[0], [1], [2]]), objective, backend=backend)
+    for dtype in (torch.float32, torch.bool):
+        with pytest.raises(TypeError, match="labels must be an integer tensor"):
+            head.calm_loss(s, a, torch.tensor([0, 1, 1]).to(dtype), objective, backend=backend)
+
+
+@pytest.mark.parametrize("backend", LOSS_BACKENDS)
+@pytest.mark.parametrize("objective", list(Objective))
+@pytest.mark.parametrize("bad", (5, -1))
+def test_out_of_range_labels_name_the_range(backend, objective, bad):
+    s, a = random_inputs(seed=14)  # K = 5
+    with pytest.raises(ValueError, match=rf"labels must lie in \[0, 5\), got {bad}"):
+        head.calm_loss(s, a, torch.tensor([0, bad, 2]), objective, backend=backend)
+
+
+@pytest.mark.parametrize("kind", list(MapKind))
+def test_attribution_map_checks_labels_too(kind):
+    s, a = random_inputs(seed=15)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 5\), got 7"):
+        head.attribution_map(s, a, torch.tensor([0, 7, 2]), kind)
+    with pytest.raises(ValueError, match=r"labels must have shape \[B\]"):
+        head.attribution_map(s, a, torch.tensor([0, 1]), kind)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -241,3 +242,93 @@ def test_default_roots():
     assert default_image_root(root, "SYNTH", "train") == root / "SYNTH"
     with pytest.raises(ValueError, match="split"):
         default_image_root(root, "CUB", "dev")
+
+
+# ---- paths must stay inside their root (an id or mask path never reaches a file outside the dataset)
+
+
+@pytest.mark.parametrize("bad_id", ["../../outside/secret.jpg", "a/../../secret.jpg", "/etc/passwd", "a/..", ".."])
+def test_an_image_id_outside_the_image_root_names_file_and_line(tmp_path, bad_id):
+    ids = f"a/1.jpg\n{bad_id}\nb/3.jpg\n"
+    labels = f"a/1.jpg,0\n{bad_id},2\nb/3.jpg,1\n"
+    files = {"image_ids.txt": ids, "class_labels.txt": labels}
+    message = error_of(tmp_path, files)
+    assert "image_ids.txt:2" in message and repr(bad_id) in message and "inside" in message
+
+
+@pytest.mark.parametrize("column", [1, 2])
+@pytest.mark.parametrize("bad_path", ["../outside.png", "/tmp/mask.png", "m/../../x.png"])
+def test_a_mask_path_outside_the_mask_root_names_file_and_line(tmp_path, column, bad_path):
+    lines = [["a/1.jpg", "m0.png", "i0.png"], ["a/2.jpg", "m2.png", ""], ["b/3.jpg", "m3.png", "i3.png"]]
+    lines[2][column] = bad_path
+    masks = "".join(",".join(line) + "\n" for line in lines)
+    for file in ("localization.txt", "localization_masks.txt"):
+        message = error_of(tmp_path, box_files(**{file: masks}))
+        assert f"{file}:3" in message and repr(bad_path) in message
+        (tmp_path / "metadata" / "TOY" / "test" / file).unlink()
+
+
+def test_a_part_mask_path_outside_the_image_root_names_file_and_line(tmp_path):
+    parts = "a/1.jpg,0,body,1,1,5,5,0,p/1.png\na/2.jpg,0,body,1,1,5,5,1,../../p/2.png\nb/3.jpg,0,head,1,1,5,5,0,p/3.png\n"
+    message = error_of(tmp_path, box_files(**{"parts.txt": parts}))
+    assert "parts.txt:2" in message and "'../../p/2.png'" in message
+
+
+def test_paths_inside_the_root_with_dots_in_names_are_fine(tmp_path):
+    ids = ["a/1..jpg", "./a/2.jpg", "b/..3.jpg"]
+    files = {"image_ids.txt": "".join(f"{i}\n" for i in ids),
+             "class_labels.txt": "".join(f"{i},0\n" for i in ids)}
+    write_split(tmp_path, files)
+    assert read(tmp_path).image_ids == ids
+
+
+# ---- the class count: labels are bounded by the count the dataset declares, not inferred from them
+
+
+def test_a_synthetic_dataset_bounds_labels_by_its_declared_class_count(tmp_path):
+    folder = write_split(tmp_path, box_files())  # labels 0, 2, 1
+    (folder.parent / "synthetic.json").write_text(json.dumps({"options": {"num_classes": 2}}))
+    assert "class_labels.txt:2: label 2 of 'a/2.jpg' out of range [0, 2)" in error_of(tmp_path, box_files())
+    (folder.parent / "synthetic.json").write_text(json.dumps({"options": {"num_classes": 5}}))
+    assert read(tmp_path).num_classes == 5  # not 3, the largest label + 1
+    assert read(tmp_path, num_classes=4).num_classes == 4  # an explicit count wins
+
+
+def test_a_malformed_class_declaration_names_the_file(tmp_path):
+    folder = write_split(tmp_path, box_files())
+    for text in ("{", json.dumps({"options": {"num_classes": 0}}), json.dumps({"options": {}})):
+        (folder.parent / "synthetic.json").write_text(text)
+        assert "synthetic.json" in error_of(tmp_path, box_files())
+
+
+def test_check_image_size_compares_a_decoded_size_with_image_sizes_txt(tmp_path):
+    write_split(tmp_path, box_files())
+    split = read(tmp_path)
+    split.check_image_size(1, (50, 60))  # as image_sizes.txt says
+    with pytest.raises(MetadataError) as error:
+        split.check_image_size(1, (60, 50))
+    message = str(error.value)
+    assert str(split.image_path(1)) in message and "60x50" in message and "image_sizes.txt:2" in message
+    assert "50x60" in message
+
+
+# ---- read_configured_split: every split of a run is bounded by one configured class count
+
+
+def test_a_configured_split_bounds_every_split_by_the_configured_class_count(tmp_path):
+    from calm_fast.config import ConfigError, load_config
+    from calm_fast.data.splits import read_configured_split
+
+    for split in ("train", "val"):
+        write_split(tmp_path, box_files(), split=split)  # labels 0, 2, 1
+    cfg = load_config(None, [f"data.root={tmp_path}", "data.dataset=TOY", f"data.train_image_root={tmp_path}",
+                             f"data.val_image_root={tmp_path}", "data.num_classes=2"])
+    for split in ("train", "val"):  # the training split too: a typo must not build a bigger model
+        with pytest.raises(MetadataError, match=rf"{split}/class_labels.txt:2: label 2 of 'a/2.jpg' out of range"):
+            read_configured_split(cfg, split)
+    # Without data.num_classes and without a count the dataset declares, the count is not guessed.
+    cfg = load_config(None, [f"data.root={tmp_path}", "data.dataset=TOY", f"data.train_image_root={tmp_path}"])
+    with pytest.raises(ConfigError, match="data.num_classes"):
+        read_configured_split(cfg, "train")
+    (tmp_path / "metadata" / "TOY" / "synthetic.json").write_text(json.dumps({"options": {"num_classes": 3}}))
+    assert read_configured_split(cfg, "train").num_classes == 3

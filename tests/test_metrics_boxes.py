@@ -97,7 +97,6 @@ def test_constant_cams_through_normalize_scoremaps():
     # Bicubic ripples of ~1e-15 are stretched to [0, 1] by min-max, as in the reference pipeline.
     assert all(m.min() == 0.0 and m.max() == 1.0 for m in rippled)
     assert not exact.any()
-    assert not normalize_scoremaps([np.array([[0.0, np.nan], [1.0, 2.0]])]).any()
 
 
 def test_normalize_scoremaps_is_min_max_of_the_bicubic_resize():
@@ -312,3 +311,30 @@ def test_labels_for_some_batches_only_is_an_error():
         metric.compute()
     with pytest.raises(ValueError, match="both pred_classes and labels"):
         metric.update(maps[:1], boxes[:1], predictions[:1])
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_a_non_finite_map_is_refused_not_zeroed(value):
+    """The reference pipeline turns a map with a NaN into zeros (and ±inf into NaN, hence zeros): a broken model
+    would get numbers. Here such a map is an error naming it."""
+    cam = np.array([[0.0, 1.0], [1.0, 2.0]])
+    cam[0, 1] = value
+    with pytest.raises(ValueError, match=r"cams\[1\] is not finite"):
+        normalize_scoremaps([np.ones((2, 2)), cam])
+    good = blank()[None]
+    good[0, 3, 4] = value
+    with pytest.raises(ValueError, match=r"scoremaps\[0\].*(NaN|inf)"):
+        best_box_iou(good, [np.array([[0, 0, 1, 1]])])
+
+
+@pytest.mark.parametrize("thresholds", [[0.5], [0], [100], [-10], [150], [], [True], ["50"], [30, 50.5]])
+def test_iou_thresholds_must_be_integer_percents_inside_0_100(thresholds):
+    with pytest.raises(ValueError, match="iou_thresholds must be integer percents in"):
+        BoxAccuracy(iou_thresholds=thresholds)
+    with pytest.raises(ValueError, match="iou_thresholds must be integer percents in"):
+        box_correctness(blank()[None], [np.array([[0, 0, 1, 1]])], iou_thresholds=thresholds)
+
+
+def test_integer_valued_iou_thresholds_of_any_integer_type_are_accepted():
+    assert BoxAccuracy(iou_thresholds=np.array([30, 50, 70])).iou_thresholds == (30, 50, 70)
+    assert BoxAccuracy(iou_thresholds=(1, 99)).iou_thresholds == (1, 99)

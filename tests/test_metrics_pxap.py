@@ -61,6 +61,14 @@ def test_invalid_inputs_are_named():
         metric.update(np.full((1, 4, 4), 1.5), np.zeros((1, 4, 4), np.uint8))
     with pytest.raises(TypeError, match="uint8"):
         metric.update(np.zeros((1, 4, 4)), np.zeros((1, 4, 4)))
+    for value in (2, 7, 254):
+        masks = np.zeros((2, 4, 4), np.uint8)
+        masks[1, 2, 2] = value
+        with pytest.raises(ValueError, match=rf"gt_masks\[1\] holds the value {value}"):
+            metric.update(np.zeros((2, 4, 4)), masks)
+    assert metric.state_dict()["num_images"] == 0  # nothing was counted from the refused batches
+    with pytest.raises(ValueError, match="not finite|NaN"):
+        metric.update(np.full((1, 4, 4), np.inf), np.zeros((1, 4, 4), np.uint8))
 
 
 def random_set(seed, count=6, size=224):

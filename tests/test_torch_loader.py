@@ -156,3 +156,18 @@ def test_bad_loader_arguments(tmp_path):
         build_torch_loader(split, True, 8, 4, batch_size=2, num_workers=0)
     with pytest.raises(ValueError, match="rank"):
         build_torch_loader(split, False, 8, None, batch_size=2, num_workers=0, rank=2, world_size=2)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_an_image_whose_size_differs_from_image_sizes_txt_is_refused(tmp_path, train):
+    """As `calm-fast convert` refuses it: the boxes, given in the listed frame, would be misplaced."""
+    from calm_fast.data.metadata import MetadataError
+
+    split = make_split(tmp_path, {"a.png": Image.new("RGB", (8, 6)), "b.png": Image.new("RGB", (9, 7))})
+    (split.metadata_dir / "image_sizes.txt").write_text("a.png,8,6\nb.png,7,9\n")  # b is 9x7, not 7x9
+    split = read_split(tmp_path / "metadata", "TOY", "test", tmp_path / "images")
+    dataset = WSOLDataset(split, train=train, input_size=4, resize_size=5)
+    assert dataset[0][0].shape == (3, 4, 4)
+    with pytest.raises(MetadataError) as error:
+        dataset[1]
+    assert "b.png: image is 9x7" in str(error.value) and "image_sizes.txt:2 says 7x9" in str(error.value)

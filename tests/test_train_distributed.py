@@ -250,3 +250,26 @@ def test_training_fits_a_small_training_set(data_root, tmp_path):
     loss = losses(run_dir)
     assert loss[1] > 0.8 * math.log(4)
     assert sum(loss[s] for s in (46, 47, 48)) / 3 < 0.25 * math.log(4)
+
+
+@pytest.mark.parametrize("log_every, checkpoint_every", [(1, 1), (4, 0)])
+def test_a_diverging_run_stops_at_the_bad_step_and_saves_nothing_after_it(data_root, tmp_path, log_every,
+                                                                          checkpoint_every):
+    """optim.lr=1e30 makes the loss of step 2 NaN. The run must fail naming that step, even when the loss is
+    first read on the host steps later (log_every=4); no checkpoint, record or model after it."""
+    run_dir = tmp_path / "diverge"
+    command = TRAIN + overrides(data_root, run_dir, "optim.lr=1e30", "optim.grad_clip=0", "optim.warmup_steps=0",
+                                "train.precision=fp32", f"train.log_every={log_every}",
+                                f"train.checkpoint_every={checkpoint_every}", "train.val_every=0")
+    result = subprocess.run(command, cwd=tmp_path, env=environment(), capture_output=True, text=True,
+                            timeout=RUN_TIMEOUT_S)
+    assert result.returncode != 0, result.stdout[-2000:]
+    message = result.stderr.strip().splitlines()[-1]
+    assert "step 2" in message and "not finite" in message, result.stderr[-3000:]
+    saved = sorted(p.name for p in (run_dir / "checkpoints").iterdir()) if (run_dir / "checkpoints").exists() else []
+    assert saved == (["step_00000001"] if checkpoint_every else [])
+    assert not (run_dir / "model.pt").exists() and not (run_dir / "summary.json").exists()
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()] \
+        if (run_dir / "metrics.jsonl").exists() else []
+    assert all(math.isfinite(r["loss"]) for r in records if r["kind"] == "train")
+    assert [r["step"] for r in records if r["kind"] == "train"] == ([1] if log_every == 1 else [])

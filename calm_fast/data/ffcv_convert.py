@@ -20,8 +20,9 @@ Real-data problems (DATA.md), each counted in the summary table and in the JSON 
                                    part with grey
   missing file, unreadable format, 16-bit or float pixels, size different from image_sizes.txt
                                    error naming the file
-The first error stops the conversion (no file is written). Output is atomic: the .beton is written under
-a hidden temporary name in the same folder and renamed when complete, then its sidecar
+The first error stops the conversion (no file is written); so does a worker's death, within a second,
+and no worker outlives a killed conversion (``calm_fast.data.ffcv_writer``). Output is atomic: the .beton
+is written under a hidden temporary name in the same folder and renamed when complete, then its sidecar
 (``<name>.beton.json``: options, metadata fingerprint, counts); a split counts as converted only when
 both exist and match its metadata and the options.
 """
@@ -36,8 +37,6 @@ import math
 import multiprocessing
 import os
 import shutil
-import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +46,7 @@ from rich.console import Console
 from rich.table import Table
 
 from calm_fast.atomic import write_json
+from calm_fast.data.ffcv_writer import WriterStopped, run_writer
 from calm_fast.data.images import MAX_STORED_SIDE, ImageProblem, load_for_storage
 from calm_fast.data.metadata import (
     SPLITS,
@@ -134,10 +134,9 @@ class _SplitImages:
     _PLACEHOLDER = np.zeros((1, 1, 3), dtype=np.uint8)
 
     def __init__(self, split: WSOLSplit, options: ConvertOptions, report_dir: Path, worker_registry: Path, abort):
+        self.split = split
         self.paths = [str(split.image_path(i)) for i in range(len(split))]
         self.labels = split.labels
-        self.expected_sizes = split.known_sizes
-        self.sizes_file = split.metadata_dir / "image_sizes.txt"
         self.options = options
         self.report_dir = str(report_dir)
         self.worker_registry = str(worker_registry)
@@ -156,9 +155,9 @@ class _SplitImages:
             return self._PLACEHOLDER, label, i
         try:
             pixels, repairs, size = load_for_storage(self.paths[i], self.options.max_resolution, self.options.allow_truncated)
-            self._check_size(i, size)
+            self.split.check_image_size(i, size)
         except Exception as error:  # any failure must reach the main process, not kill the worker
-            message = str(error) if isinstance(error, ImageProblem) else \
+            message = str(error) if isinstance(error, (ImageProblem, MetadataError)) else \
                 f"{self.paths[i]}: {type(error).__name__}: {error}"
             self._report({"index": int(i), "error": message})
             self.abort.set()
@@ -166,16 +165,6 @@ class _SplitImages:
         if repairs:
             self._report({"index": int(i), "repairs": repairs})
         return pixels, label, i
-
-    def _check_size(self, i: int, size: tuple[int, int]) -> None:
-        if self.expected_sizes is None:
-            return
-        expected = tuple(int(v) for v in self.expected_sizes[i])
-        if size != expected:
-            raise ImageProblem(
-                f"{self.paths[i]}: image is {size[0]}x{size[1]} but {self.sizes_file} says "
-                f"{expected[0]}x{expected[1]}: its boxes would be misplaced"
-            )
 
     def _report(self, record: dict) -> None:
         with open(os.path.join(self.report_dir, f"{os.getpid()}.jsonl"), "a", encoding="utf-8") as file:
@@ -193,89 +182,6 @@ def _read_reports(report_dir: Path) -> tuple[list[tuple[int, str]], dict[str, in
             for kind in record.get("repairs", []):
                 repairs[kind] = repairs.get(kind, 0) + 1
     return sorted(errors), dict(sorted(repairs.items()))
-
-
-class _WorkerCrashed(Exception):
-    """Raised in the main thread by :class:`_CrashWatch`."""
-
-
-class _CrashWatch(threading.Thread):
-    """Stops a conversion whose worker process died without a word (killed for memory, a native crash).
-
-    FFCV's DatasetWriter polls its workers' progress counter until every sample is done, with no timeout,
-    so a dead worker would hang it forever. Workers register their pid in ``registry`` on their first
-    image; the watch peeks at their exit status without reaping them (``waitid`` with ``WNOWAIT``, so
-    multiprocessing still can). On a death it signals the main thread (SIGUSR1) every 0.1 s until the
-    main thread calls :meth:`acknowledge`; the handler raises :class:`_WorkerCrashed` out of the writer,
-    again only if 2 s pass unacknowledged (an exception may land where Python swallows it, in a
-    finaliser say). Signals need the main thread: elsewhere ``armed`` is False and nothing is watched.
-    """
-
-    def __init__(self, registry: Path):
-        super().__init__(daemon=True)
-        self.registry = registry
-        self.armed = threading.current_thread() is threading.main_thread() and hasattr(os, "waitid")
-        self.crash: str | None = None
-        self._stopped = threading.Event()
-        self._previous_handler = None
-        self._acknowledged = False
-        self._raised_at: float | None = None
-
-    def __enter__(self) -> "_CrashWatch":
-        if self.armed:
-            self._previous_handler = signal.signal(signal.SIGUSR1, self._on_signal)
-            self.start()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self._stopped.set()
-        if self.armed:
-            self.join()  # every signal it sent has reached the handler by now
-            signal.signal(signal.SIGUSR1, self._previous_handler)
-
-    def _on_signal(self, signum, frame) -> None:
-        if self.crash is None or self._acknowledged or self._stopped.is_set():
-            return
-        if self._raised_at is None or time.monotonic() - self._raised_at > 2.0:
-            self._raised_at = time.monotonic()
-            raise _WorkerCrashed(self.crash)
-
-    def acknowledge(self) -> None:
-        """The main thread caught :class:`_WorkerCrashed`: stop raising it."""
-        self._acknowledged = True
-
-    def run(self) -> None:
-        while not self._stopped.wait(0.1):
-            if self.crash is None:
-                self.crash = self._find_dead_worker()
-            if self.crash is not None and not self._acknowledged:
-                signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
-
-    def worker_pids(self) -> list[int]:
-        return [int(name) for name in os.listdir(self.registry)]
-
-    def _find_dead_worker(self) -> str | None:
-        for pid in self.worker_pids():
-            try:
-                status = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-            except ChildProcessError:
-                continue  # already reaped by multiprocessing: its exit code is not ours to see
-            if status is None or (status.si_code == os.CLD_EXITED and status.si_status == 0):
-                continue
-            if status.si_code == os.CLD_EXITED:
-                return f"a conversion worker (pid {pid}) died with exit code {status.si_status}"
-            return f"a conversion worker (pid {pid}) was killed by {signal.Signals(status.si_status).name}"
-        return None
-
-    def stop_workers(self) -> None:
-        """Terminate the workers still running (they belong to a writer that will never finish)."""
-        for pid in self.worker_pids():
-            try:
-                if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
-                    os.kill(pid, signal.SIGTERM)
-            except (ChildProcessError, ProcessLookupError):
-                continue
-        multiprocessing.active_children()  # reap them
 
 
 def _fingerprint(split: WSOLSplit) -> str:
@@ -378,14 +284,10 @@ def convert_split(
     where = f"{split.dataset}/{split.split} ({split.metadata_dir})"
     start = time.perf_counter()
     try:
-        with _CrashWatch(worker_registry) as watch:
-            try:
-                writer.from_indexed_dataset(source, chunksize=chunk_size)
-            except _WorkerCrashed as crash:
-                watch.acknowledge()
-                watch.stop_workers()
-                _release_shared_memory(writer)
-                raise ConversionError(f"converting {where} stopped: {crash}") from None
+        try:
+            run_writer(writer, source, chunk_size, worker_registry, report_dir / "stopped.txt")
+        except WriterStopped as stop:
+            raise ConversionError(f"converting {where} stopped: {stop}") from None
         seconds = time.perf_counter() - start
         errors, repairs = _read_reports(report_dir)
         if errors:  # the workers wrote placeholders from the first bad image on; the file is discarded
@@ -416,14 +318,6 @@ def convert_split(
                              metadata_repairs=dict(split.repairs))
 
 
-def _release_shared_memory(writer) -> None:
-    """DatasetWriter unlinks its shared metadata block only when it finishes; do it after a stop."""
-    block = getattr(writer, "metadata_sm", None)
-    if hasattr(block, "unlink"):
-        block.close()
-        block.unlink()
-
-
 def is_up_to_date(split: WSOLSplit, beton_path: str | Path, options: ConvertOptions) -> bool:
     """True when ``beton_path`` and its sidecar exist and match the split's metadata and the options."""
     info = read_beton_info(beton_path)
@@ -449,6 +343,7 @@ def ensure_beton(
     concurrent conversions of the same split are safe (the last one to finish wins) but wasteful.
     """
     beton_path = beton_path_for(out_dir, split.dataset, split.split, proxy)
+    _remove_stale_partials(beton_path)  # what a killed conversion left, even when there is nothing to convert
     if is_up_to_date(split, beton_path, options):
         info = read_beton_info(beton_path)
         return ConversionSummary(beton_path, len(split), 0.0, beton_path.stat().st_size,

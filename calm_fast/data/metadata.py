@@ -15,15 +15,20 @@ Layout (see the data specification): ``<metadata_root>/<dataset>/<split>/`` hold
 ``parts.txt``                part annotations of the synthetic sets (format in the README, "The synthetic dataset")
 ==========================  ==================================================================
 
-Every problem is reported as a :class:`MetadataError` naming the file and the line. The only
-repair is the one real datasets need: a box that extends one pixel past the image is clipped to the
-image, and counted in ``WSOLSplit.repairs["box_clipped_1px"]``.
+Every problem is reported as a :class:`MetadataError` naming the file and the line. Every path in these
+files (image ids, mask and part-mask paths) must stay inside its root: a relative path without ``..``
+components (symlinks inside the root are followed: they are the dataset owner's choice). The labels are
+bounded by the class count the caller gives, else the one the dataset declares (``synthetic.json`` of
+calm-fast's synthetic sets), else (library use only) the largest label + 1. The only repair is the one
+real datasets need: a box that extends one pixel past the image is clipped to the image, and counted in
+``WSOLSplit.repairs["box_clipped_1px"]``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +45,7 @@ __all__ = [
     "default_image_root",
     "default_metadata_root",
     "read_image_size",
+    "declared_num_classes",
 ]
 
 SPLITS = ("train", "val", "test")
@@ -106,6 +112,8 @@ class WSOLSplit:
     # Sizes known when the split was read (image_sizes.txt, or headers read to check boxes); None: the
     # image_sizes property reads the headers on first use.
     known_sizes: np.ndarray | None = dataclasses.field(default=None, repr=False)
+    # The image_sizes.txt line of each image (1-based), when the sizes came from that file.
+    size_lines: np.ndarray | None = dataclasses.field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -113,6 +121,20 @@ class WSOLSplit:
     def image_path(self, i: int) -> Path:
         """Path of image ``i`` (``image_root / image_ids[i]``)."""
         return self.image_root / self.image_ids[i]
+
+    def check_image_size(self, i: int, size: tuple[int, int]) -> None:
+        """Image ``i`` decoded as ``size`` (width, height): a MetadataError naming the file and the line if
+        image_sizes.txt says otherwise, since its boxes (given in the listed frame) would be misplaced.
+        Every reader of image files (the torch loader, ``calm-fast convert``) calls it."""
+        if self.size_lines is None:
+            return  # sizes from the image headers: the decoded size by construction
+        expected = (int(self.known_sizes[i][0]), int(self.known_sizes[i][1]))
+        if tuple(size) != expected:
+            raise MetadataError(
+                f"{self.image_path(i)}: image is {size[0]}x{size[1]} but "
+                f"{self.metadata_dir / 'image_sizes.txt'}:{int(self.size_lines[i])} says "
+                f"{expected[0]}x{expected[1]}: its boxes would be misplaced"
+            )
 
     @functools.cached_property
     def image_sizes(self) -> np.ndarray:
@@ -205,6 +227,15 @@ def _number(path: Path, line_no: int, token: str, what: str) -> float:
     return value
 
 
+def _inside_root(path: Path, line_no: int, token: str, what: str) -> str:
+    """``token`` unchanged if it is a relative path that cannot leave its root (no ``..``, not absolute)."""
+    # String tests rather than Path objects: image_ids.txt of ILSVRC has 1.28 M lines.
+    if token.startswith("/") or "\x00" in token or (".." in token and ".." in token.split("/")):
+        raise MetadataError(f"{path}:{line_no}: {what} {token!r} must be a relative path inside its root "
+                            "(no '..', not absolute)")
+    return token
+
+
 class _IdIndex:
     """image_ids.txt: the key of every other file, with the checks that tie the files together."""
 
@@ -218,6 +249,7 @@ class _IdIndex:
                 raise MetadataError(f"{path}:{line_no}: empty line")
             if "," in image_id:
                 raise MetadataError(f"{path}:{line_no}: image path contains a comma: {image_id!r}")
+            _inside_root(path, line_no, image_id, "image path")
             if image_id in self.index:
                 first = self.index[image_id] + 1
                 raise MetadataError(f"{path}:{line_no}: duplicated image id {image_id!r} (first on line {first})")
@@ -266,11 +298,13 @@ def _read_labels(path: Path, ids: _IdIndex, num_classes: int | None, proxy: bool
     return labels
 
 
-def _read_sizes(path: Path, ids: _IdIndex, proxy: bool) -> np.ndarray | None:
+def _read_sizes(path: Path, ids: _IdIndex, proxy: bool) -> tuple[np.ndarray, np.ndarray] | tuple[None, None]:
+    """(sizes [N, 2], the line of each) or (None, None) when the file is missing or empty."""
     lines = _read_lines(path, required=False)
     if not lines:
-        return None  # read from image headers on demand
+        return None, None  # read from image headers on demand
     sizes = np.zeros((len(ids.ids), 2), dtype=np.int64)
+    line_of = np.zeros(len(ids.ids), dtype=np.int64)
     seen = np.zeros(len(ids.ids), dtype=bool)
     for line_no, line in enumerate(lines, 1):
         image_id, width, height = _fields(path, line_no, line, 3, "'path,width,height'")
@@ -284,9 +318,10 @@ def _read_sizes(path: Path, ids: _IdIndex, proxy: bool) -> np.ndarray | None:
         if w <= 0 or h <= 0:
             raise MetadataError(f"{path}:{line_no}: image size {w}x{h} of {image_id!r} is not positive")
         sizes[i] = (w, h)
+        line_of[i] = line_no
         seen[i] = True
     ids.require_all(seen, path)
-    return sizes
+    return sizes, line_of
 
 
 def _localization_kind(path: Path, lines: list[str]) -> str:
@@ -356,6 +391,9 @@ def _read_masks(path: Path, lines: list[str], ids: _IdIndex, mask_root: Path, pr
             continue
         if not mask_path:
             raise MetadataError(f"{path}:{line_no}: empty mask path for {image_id!r}")
+        _inside_root(path, line_no, mask_path, "mask path")
+        if ignore_path:
+            _inside_root(path, line_no, ignore_path, "ignore path")
         first_of_image = not mask_paths[i]
         if ignore_path and not first_of_image and ignore[i] != mask_root / ignore_path:
             raise MetadataError(
@@ -393,6 +431,7 @@ def _read_parts(path: Path, ids: _IdIndex, image_root: Path, proxy: bool) -> lis
             raise MetadataError(f"{path}:{line_no}: part box of {image_id!r} has x1<x0 or y1<y0: {coords}")
         if flag not in ("0", "1"):
             raise MetadataError(f"{path}:{line_no}: discriminative must be 0 or 1, got {flag!r}")
+        _inside_root(path, line_no, mask_path, "part mask path")
         if mask_paths[i] is not None and mask_paths[i] != image_root / mask_path:
             raise MetadataError(f"{path}:{line_no}: part mask of {image_id!r} differs from its first line's")
         mask_paths[i] = image_root / mask_path
@@ -404,6 +443,20 @@ def _read_parts(path: Path, ids: _IdIndex, image_root: Path, proxy: bool) -> lis
         ImageParts(names[i], np.array(boxes[i], dtype=np.int64), np.array(flags[i], dtype=bool), mask_paths[i])
         for i in range(len(ids.ids))
     ]
+
+
+def declared_num_classes(metadata_root: str | Path, dataset: str) -> int | None:
+    """The class count a dataset declares (``<metadata_root>/<dataset>/synthetic.json``), or None."""
+    path = Path(metadata_root) / dataset / "synthetic.json"
+    if not path.is_file():
+        return None
+    try:
+        count = json.loads(path.read_text(encoding="utf-8"))["options"]["num_classes"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise MetadataError(f"{path}: cannot read options.num_classes ({type(error).__name__}: {error})") from None
+    if not isinstance(count, int) or isinstance(count, bool) or count <= 0:
+        raise MetadataError(f"{path}: options.num_classes must be a positive integer, got {count!r}")
+    return count
 
 
 def _check_files_exist(split: WSOLSplit) -> None:
@@ -442,7 +495,7 @@ def read_split(
 
     ``mask_root`` is the folder that mask paths are relative to (default: the image root, as for
     OpenImages, whose masks lie beside the images). ``num_classes`` bounds the labels (default: the
-    largest label + 1). ``check_images`` opens and decodes every image and checks that mask files
+    count the dataset declares, see :func:`declared_num_classes`, else the largest label + 1). ``check_images`` opens and decodes every image and checks that mask files
     exist (slow on big sets). ``proxy`` reads ``image_ids_proxy.txt`` (ILSVRC's training subset)
     instead of ``image_ids.txt``; lines of the other files for images outside it are then skipped.
     Raises :class:`MetadataError` naming the file and line of the first problem.
@@ -452,6 +505,8 @@ def read_split(
         raise MetadataError(f"{folder}: metadata folder not found (expected <metadata_root>/<dataset>/<split>)")
     if num_classes is not None and num_classes <= 0:
         raise ValueError(f"num_classes must be positive, got {num_classes}")
+    if num_classes is None:
+        num_classes = declared_num_classes(metadata_root, dataset)
     image_root = Path(image_root)
     mask_root = Path(mask_root) if mask_root is not None else image_root
 
@@ -462,7 +517,7 @@ def read_split(
     labels = _read_labels(folder / "class_labels.txt", ids, num_classes, proxy)
     if num_classes is None:
         num_classes = int(labels.max()) + 1
-    sizes = _read_sizes(folder / "image_sizes.txt", ids, proxy)
+    sizes, size_lines = _read_sizes(folder / "image_sizes.txt", ids, proxy)
 
     repairs: dict[str, int] = {}
     boxes = masks = None
@@ -506,6 +561,7 @@ def read_split(
         metadata_dir=folder,
         repairs=repairs,
         known_sizes=sizes if sizes is not None else (header_sizes[0] if header_sizes else None),
+        size_lines=size_lines,
     )
     if check_images:
         _check_files_exist(result)

@@ -60,6 +60,7 @@ class WSOLDataset(Dataset):
     def __getitem__(self, key) -> tuple[torch.Tensor, int, int]:
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         image = decode_rgb(self.split.image_path(index))
+        self.split.check_image_size(index, image.size)  # as `calm-fast convert` checks it
         if self.train:
             image = self._augment(image, index, epoch)
         else:

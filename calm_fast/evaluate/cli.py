@@ -66,8 +66,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +76,7 @@ from calm_fast.atomic import save_npz
 from calm_fast.config import Config, ConfigError, effective_map_kind, load_config, with_overrides
 from calm_fast.data.loaders import build_eval_loader, data_repairs
 from calm_fast.data.splits import read_configured_split
-from calm_fast.distributed import init_world, share_cpu_threads, shutdown_world
+from calm_fast.distributed import Watchdog, init_world, report_rank_failure, share_cpu_threads, shutdown_world
 from calm_fast.errors import is_user_error
 from calm_fast.evaluate.attribution.benchmarks import (
     CONTROLS,
@@ -177,16 +175,17 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError("nothing to evaluate: pass --checkpoint, --run or --baseline")
 
     world = init_world(cfg.dist.timeout_minutes)
+    # As in training: a rank that makes no progress for dist.watchdog_minutes (frozen, or waiting on a
+    # frozen rank) stops the job, instead of waiting out the process-group timeout in a collective.
+    watchdog = Watchdog(cfg.dist.watchdog_minutes * 60, world.rank).start()
     try:
-        return _run(args, cfg, checkpoint, state_dict, splits, kinds, cue_kinds, attribution, world)
+        return _run(args, cfg, checkpoint, state_dict, splits, kinds, cue_kinds, attribution, world, watchdog)
     except Exception as error:
         if world.world_size == 1 or is_user_error(error):
             raise
-        traceback.print_exc()
-        print(f"[calm-fast] eval rank {world.rank} failed: {type(error).__name__}: {error}", file=sys.stderr,
-              flush=True)
-        return 1
+        return report_rank_failure("eval", error)
     finally:
+        watchdog.stop()
         shutdown_world()
 
 
@@ -243,7 +242,8 @@ def _attribution_options(args: argparse.Namespace, cfg: Config) -> AttributionOp
 
 
 def _run(args, cfg: Config, checkpoint: Path | None, state_dict: dict[str, torch.Tensor] | None, splits: list[str],
-         kinds: tuple[str, ...], cue_kinds: tuple[str, ...], attribution: AttributionOptions | None, world) -> int:
+         kinds: tuple[str, ...], cue_kinds: tuple[str, ...], attribution: AttributionOptions | None, world,
+         watchdog: Watchdog) -> int:
     console = Console()
     if not console.is_terminal:
         console = Console(width=120)  # logs: wide enough for the results table
@@ -271,14 +271,16 @@ def _run(args, cfg: Config, checkpoint: Path | None, state_dict: dict[str, torch
         progress = world.is_main and console.is_terminal
         evaluation, sections = None, {}
         split_info = {**info, **data_repairs(cfg, split)}
+        watchdog.beat(f"start of {split_name}")
         if first_pass:
             cue = build_cue_localization(cfg, split, cue_kinds, args.overlays) if cue_kinds else None
             loader = build_eval_loader(cfg, split, world.rank, world.world_size, world.device)
-            evaluation = evaluate_maps(source, split, loader, settings, progress=progress, cue=cue)
+            evaluation = evaluate_maps(source, split, loader, settings, progress=progress, cue=cue,
+                                       heartbeat=watchdog.beat)
         if attribution is not None:
             loader = build_eval_loader(cfg, split, world.rank, world.world_size, world.device)
             extra = run_attribution(model, cfg.model.method, kinds, cfg.model.prior, split, loader, attribution,
-                                    settings, world.device, progress=progress)
+                                    settings, world.device, progress=progress, heartbeat=watchdog.beat)
             evaluation, sections = merge_into(evaluation, extra, len(split)), attribution_sections(extra)
         default_out = Path(cfg.run_dir) / ("eval-baselines" if args.baseline else "eval") / split_name
         out_dir = Path(args.out) / split_name if args.out and len(splits) > 1 else Path(args.out or default_out)
@@ -288,4 +290,5 @@ def _run(args, cfg: Config, checkpoint: Path | None, state_dict: dict[str, torch
             write_reports(evaluation, split, out_dir, split_info, settings, console=console,
                           cue_cumulative=cfg.eval.cue_cumulative, sections=sections)
             console.print(f"results: {out_dir / 'results.json'}")
+        watchdog.beat(f"reports of {split_name}")
     return 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -59,17 +59,19 @@ def ground_truth(split, indices: np.ndarray, need_boxes: bool, need_masks: bool)
 
 
 def evaluate_maps(map_fn: MapFn, split, loader, settings: EvalSettings = EvalSettings(),
-                  progress: bool = False, cue: CueLocalization | None = None) -> Evaluation:
+                  progress: bool = False, cue: CueLocalization | None = None,
+                  heartbeat: Callable[[str], None] | None = None) -> Evaluation:
     """Score the maps of `map_fn` on `split`, with this rank's shard of the samples coming from `loader`.
 
     `loader` yields (images, labels, indices); indices address `split`. The WSOL metrics score the
-    batches' `maps` (unless settings.wsol is False); `cue`, when given, scores their `class_maps`.
+    batches' `maps` (unless settings.wsol is False); `cue`, when given, scores their `class_maps`;
+    `heartbeat(what)` is called after every batch (a `Watchdog.beat`).
     Collective when a process group is initialised: every rank calls it with its own shard and all get
     the same summed result. Raises if a sample is missing or evaluated twice across ranks, or if a
     loader's label disagrees with the split.
     """
     started = time.perf_counter()
-    shard = _evaluate_shard(map_fn, split, loader, settings, progress, cue)
+    shard = _evaluate_shard(map_fn, split, loader, settings, progress, cue, heartbeat or (lambda what: None))
     return _combine_shards(shard, split, settings, started, cue)
 
 
@@ -87,9 +89,9 @@ class _Shard:
 
 
 def _evaluate_shard(map_fn: MapFn, split, loader, settings: EvalSettings, progress: bool,
-                    cue: CueLocalization | None) -> _Shard:
+                    cue: CueLocalization | None, heartbeat: Callable[[str], None]) -> _Shard:
     shard = _Shard(seen=np.zeros(len(split), np.int64))
-    for images, labels, indices in track(loader, "eval", progress):
+    for batch_number, (images, labels, indices) in enumerate(track(loader, "eval", progress), 1):
         labels_np = as_numpy(labels).astype(np.int64)
         indices_np = as_numpy(indices).astype(np.int64)
         _check_batch(split, labels_np, indices_np)
@@ -107,7 +109,8 @@ def _evaluate_shard(map_fn: MapFn, split, loader, settings: EvalSettings, progre
             # Ground truth is read once per batch and shared by every map.
             boxes, masks = ground_truth(split, indices_np, split.boxes is not None, split.masks is not None)
             for name, raw in raw_maps.items():
-                shard.metrics[name].update(normalize_scoremaps(raw), labels_np, pred, boxes, masks)
+                names = [f"the {name!r} map of sample {i} ({split.image_ids[i]!r})" for i in indices_np.tolist()]
+                shard.metrics[name].update(normalize_scoremaps(raw, names=names), labels_np, pred, boxes, masks)
             clock = _lap(shard.seconds, "wsol", clock)
         if cue is not None:
             if batch.class_maps is None:
@@ -127,6 +130,7 @@ def _evaluate_shard(map_fn: MapFn, split, loader, settings: EvalSettings, progre
                 kept["pred_classes"] = pred
             for key, value in kept.items():
                 shard.saved.setdefault(key, []).append(value)
+        heartbeat(f"eval batch {batch_number} of {split.split}")
     return shard
 
 
@@ -210,7 +214,8 @@ def _check_coverage(split, seen: np.ndarray) -> None:
 
 def evaluate_model(model: torch.nn.Module, split, cfg: Config, world=None, dtype: torch.dtype | None = None,
                    loader=None, map_kinds: tuple[str, ...] | None = None,
-                   settings: EvalSettings | None = None, progress: bool = False) -> dict[str, Any]:
+                   settings: EvalSettings | None = None, progress: bool = False,
+                   heartbeat: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Localization metrics of `model` on `split`: the function behind `calm-fast eval` and the periodic
     validation of training. Collective when a process group is initialised.
 
@@ -229,7 +234,7 @@ def evaluate_model(model: torch.nn.Module, split, cfg: Config, world=None, dtype
     was_training = model.training
     model.eval()
     try:
-        evaluation = evaluate_maps(source, split, loader, settings, progress=progress)
+        evaluation = evaluate_maps(source, split, loader, settings, progress=progress, heartbeat=heartbeat)
     finally:
         model.train(was_training)
     return {**headline(evaluation.results[map_kinds[0]]), "map_kind": map_kinds[0],

@@ -14,7 +14,7 @@ import torch
 
 from calm_fast.config import Config
 from calm_fast.distributed import all_reduce_sum
-from calm_fast.metrics import BoxAccuracy, PixelAP
+from calm_fast.metrics import BoxAccuracy, PixelAP, check_iou_thresholds
 
 V1_IOU = 50  # MaxBoxAcc (v1) is IoU 0.5 with the largest contour only
 
@@ -34,8 +34,7 @@ class EvalSettings:
     def __post_init__(self):
         if not 0.0 < self.cam_curve_interval < 1.0:
             raise ValueError(f"cam_curve_interval must lie in (0, 1), got {self.cam_curve_interval}")
-        if not self.iou_thresholds or any(not 0 < t <= 100 for t in self.iou_thresholds):
-            raise ValueError(f"iou_thresholds must be percentages in (0, 100], got {self.iou_thresholds}")
+        object.__setattr__(self, "iou_thresholds", check_iou_thresholds(self.iou_thresholds))
         if self.overlay_count < 0:
             raise ValueError(f"overlay_count must be >= 0, got {self.overlay_count}")
 

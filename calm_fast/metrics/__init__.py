@@ -13,7 +13,7 @@ straightforward OpenCV loop, used as test oracle and benchmark baseline.
 
 from calm_fast.metrics.boxes import BoxAccuracy, best_box_iou, box_correctness, rescale_boxes
 from calm_fast.metrics.masks import PixelAP, load_gt_mask
-from calm_fast.metrics.scoremaps import cam_thresholds, normalize_scoremaps
+from calm_fast.metrics.scoremaps import cam_thresholds, check_iou_thresholds, normalize_scoremaps
 
 __all__ = [
     "BoxAccuracy",
@@ -21,6 +21,7 @@ __all__ = [
     "best_box_iou",
     "box_correctness",
     "cam_thresholds",
+    "check_iou_thresholds",
     "load_gt_mask",
     "normalize_scoremaps",
     "rescale_boxes",

@@ -15,6 +15,7 @@ from calm_fast.metrics import _component_tree
 from calm_fast.metrics.scoremaps import (
     SCOREMAP_SIZE,
     cam_thresholds,
+    check_iou_thresholds,
     check_scoremaps,
     integer_thresholds,
     quantize_scoremaps,
@@ -107,6 +108,7 @@ def box_correctness(scoremaps: Sequence | np.ndarray, gt_boxes: Sequence[np.ndar
                     cam_curve_interval: float = 0.001, iou_thresholds: Sequence[int] = (30, 50, 70),
                     multi_contour: bool = True, num_threads: int | None = None) -> np.ndarray:
     """correct[i, j, k] = best IoU of map i at τ_k >= iou_thresholds[j] / 100. bool [N, J, T]."""
+    iou_thresholds = check_iou_thresholds(iou_thresholds)
     best = best_box_iou(scoremaps, gt_boxes, cam_curve_interval, multi_contour, num_threads)
     return _correctness(best, iou_thresholds)
 
@@ -129,9 +131,7 @@ class BoxAccuracy:
                  multi_contour: bool = True, num_threads: int | None = None):
         self.cam_curve_interval = float(cam_curve_interval)
         self.thresholds = cam_thresholds(self.cam_curve_interval)
-        self.iou_thresholds = tuple(int(delta) for delta in iou_thresholds)
-        if not self.iou_thresholds or any(not 0 <= delta <= 100 for delta in self.iou_thresholds):
-            raise ValueError(f"iou_thresholds must be percentages in [0, 100], got {tuple(iou_thresholds)}")
+        self.iou_thresholds = check_iou_thresholds(iou_thresholds)
         self.multi_contour = bool(multi_contour)
         self.num_threads = num_threads
         self.reset()

@@ -97,6 +97,12 @@ class PixelAP:
         if not np.issubdtype(masks.dtype, np.integer) or (masks.size and (masks.min() < 0 or masks.max() > 255)):
             raise TypeError(f"gt_masks must be uint8-valued integers (0, 1, 255 = ignore), got dtype "
                             f"{masks.dtype}")
+        # Any other value would be skipped by the histograms without a word.
+        unknown = (masks != 0) & (masks != 1) & (masks != IGNORE)
+        if unknown.any():
+            i = int(np.argmax(unknown.any(axis=(1, 2))))
+            raise ValueError(f"gt_masks[{i}] holds the value {int(masks[i][unknown[i]][0])}: GT masks hold only "
+                             f"0 (background), 1 (foreground) and {IGNORE} (ignore), as load_gt_mask makes them")
         _accumulate_histograms(np.ascontiguousarray(maps), np.ascontiguousarray(masks, dtype=np.uint8),
                                self.edges, self.positive_hist, self.negative_hist)
         self.num_images += len(maps)

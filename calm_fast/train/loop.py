@@ -1,7 +1,8 @@
 """The training loop, `train(cfg)`: one DeepSpeed engine in every case (one process, deepspeed or torchrun;
 ZeRO 1/2, fp32/bf16/fp16, accumulation and clipping), global batches that do not depend on the number of
 ranks, checkpoints at epoch ends (and every `train.checkpoint_every` steps), periodic validation, a time
-budget, exact resume, and the export of a consolidated model at the end.
+budget, exact resume, and the export of a consolidated model at the end. A loss or gradient that stops
+being finite fails the run, naming the step, before anything is saved after it (`divergence`).
 """
 
 from __future__ import annotations
@@ -31,23 +32,25 @@ from calm_fast.errors import CheckpointError
 from calm_fast.models.weights import checkpoint_root, latest_checkpoint
 from calm_fast.modes import Precision
 from calm_fast.train import checkpoint as ckpt
+from calm_fast.train.divergence import DivergenceWatch
 from calm_fast.train.log import RunLog, truncate_metrics
 from calm_fast.train.optim import build_optimizer, deepspeed_config, lr_factor
 
 
 def read_splits(cfg: Config):
-    """(train split, val split) as WSOLSplit; the val labels are bounded by the train split's classes."""
+    """(train split, val split) as WSOLSplit, both bounded by the configured class count."""
     train_split = read_configured_split(cfg, cfg.data.train_split)
     return train_split, read_configured_split(cfg, cfg.data.val_split, train_split.num_classes)
 
 
-def validate(engine, val_loader, val_split, cfg: Config, world: World, dtype: torch.dtype) -> dict[str, Any]:
+def validate(engine, val_loader, val_split, cfg: Config, world: World, dtype: torch.dtype,
+             watchdog: Watchdog) -> dict[str, Any]:
     """Validation on the val split, every rank a shard. With train.val_localization: the metrics of
     `calm-fast eval` (calm_fast.evaluate.evaluate_model: classification and MaxBoxAccV2 / PxAP);
-    otherwise only top-1 classification accuracy, counted here. Collective."""
+    otherwise only top-1 classification accuracy, counted here. Collective; the watchdog hears every batch."""
     model = engine.module
     if cfg.train.val_localization:
-        metrics = evaluate_model(model, val_split, cfg, world=world, dtype=dtype)
+        metrics = evaluate_model(model, val_split, cfg, world=world, dtype=dtype, heartbeat=watchdog.beat)
         return {key: value for key, value in metrics.items() if isinstance(value, (int, float, str))}
     was_training = model.training
     model.eval()
@@ -58,6 +61,7 @@ def validate(engine, val_loader, val_split, cfg: Config, world: World, dtype: to
             predicted = class_log_probs(class_logits, location_scores, cfg.model.method, cfg.model.prior).argmax(1)
             counts[0] += int((predicted.cpu() == labels.cpu()).sum())
             counts[1] += len(labels)
+            watchdog.beat("validation")
     all_reduce_sum(counts)
     model.train(was_training)
     return {"cls_top1_acc": 100.0 * counts[0].item() / max(1, counts[1].item()), "num_images": counts[1].item()}
@@ -130,6 +134,7 @@ def _train(cfg: Config, world: World, watchdog: Watchdog, resume: bool) -> dict[
     stop_reason = "finished" if step >= total_steps else None
     window = _Window(time.perf_counter())
     throughput = []
+    divergence = DivergenceWatch(world.device, cfg.train.precision, engine.skipped_steps)
     engine.train()
     try:
         while stop_reason is None:
@@ -150,6 +155,7 @@ def _train(cfg: Config, world: World, watchdog: Watchdog, resume: bool) -> dict[
                 head_maps = engine(images, merged=True)
                 loss = merged_loss(head_maps, labels, train_split.num_classes, objective=objective,
                                    prior=cfg.model.prior)
+                divergence.loss(loss, step + 1)
                 engine.backward(loss)
                 engine.step()
                 step_loss += loss.detach().double()
@@ -158,6 +164,7 @@ def _train(cfg: Config, world: World, watchdog: Watchdog, resume: bool) -> dict[
                     continue
                 # ---- one optimizer step done
                 step += 1
+                divergence.step_done(engine.skipped_steps, step)
                 watchdog.beat(f"step {step}")
                 window.steps += 1
                 window.loss_sum = window.loss_sum + step_loss / cfg.train.grad_accum
@@ -168,19 +175,25 @@ def _train(cfg: Config, world: World, watchdog: Watchdog, resume: bool) -> dict[
                 elif step >= total_steps:
                     stop_reason = "finished"
                 if step % cfg.train.log_every == 0 or epoch_end or stop_reason:
+                    divergence.check(f"the record of step {step}")
                     entry = _train_record(window, step, steps_per_epoch, step_lrs, cfg, world)
+                    if cfg.train.precision == Precision.FP16:
+                        entry["fp16_skipped_steps"] = divergence.fp16_skipped  # loss scaling's skips, so far
                     throughput.append(entry["images_per_s"])
                     log.record(entry)
                     window = _Window(time.perf_counter())
                 every = cfg.train.checkpoint_every
                 paused_from = time.perf_counter()  # checkpoints and validation do not count as training time
                 if epoch_end or stop_reason or (every and step % every == 0):
+                    divergence.check(f"the checkpoint of step {step}")
+                    divergence.check_parameters(engine.module, step)
                     client_state = {"step": step, "epoch": step // steps_per_epoch, **geometry}
                     checkpoint_path = ckpt.save_checkpoint(engine, cfg, world, step, client_state)
                     watchdog.beat(f"checkpoint at step {step}")
                 val_every = cfg.train.val_every
                 if val_every and ((epoch_end and (step // steps_per_epoch) % val_every == 0) or stop_reason):
-                    last_val = validate(engine, val_loader, val_split, cfg, world, dtype)
+                    divergence.check(f"the validation of step {step}")
+                    last_val = validate(engine, val_loader, val_split, cfg, world, dtype, watchdog)
                     watchdog.beat(f"validation at step {step}")
                     log.record({"kind": "val", "step": step, "epoch": step / steps_per_epoch, **last_val})
                 window.paused += time.perf_counter() - paused_from

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -191,9 +191,9 @@ class Attribution:
 
 def run_attribution(model: torch.nn.Module, method: str, kinds: Sequence[str], prior: str, split, loader,
                     options: AttributionOptions, settings: EvalSettings, device: torch.device | str = "cpu",
-                    progress: bool = False) -> Attribution:
+                    progress: bool = False, heartbeat: Callable[[str], None] | None = None) -> Attribution:
     """The attribution pass over this rank's shard (`loader` over `split`, every sample once across ranks).
-    Collective when a process group is initialised."""
+    Collective when a process group is initialised; `heartbeat(what)` hears every batch (a `Watchdog.beat`)."""
     subset = first_images(split, options.images)
     source = AttributionMaps(model, method, kinds, prior, device, options)
     started = time.perf_counter()
@@ -201,7 +201,8 @@ def run_attribution(model: torch.nn.Module, method: str, kinds: Sequence[str], p
     model.eval()
     try:
         scoring = dataclasses.replace(settings, save_maps=False, wsol=options.wsol and bool(source.extra_names))
-        evaluation = evaluate_maps(source, subset, rows_below(loader, options.images), scoring, progress=progress)
+        evaluation = evaluate_maps(source, subset, rows_below(loader, options.images), scoring, progress=progress,
+                                   heartbeat=heartbeat)
     finally:
         model.train(was_training)
     counts_state, inputs = all_reduce_states([source.counts.state_dict(),
