@@ -23,8 +23,7 @@ from pathlib import Path
 from calm_fast.atomic import write_json
 from calm_fast.config import load_config
 from calm_fast.evaluate.job import headline
-from calm_fast.evaluate.maps import BASELINES
-from calm_fast.modes import Method
+from calm_fast.modes import Baseline, Method
 
 METHODS = (Method.CALM_EM, Method.CAM)  # the demo's two trained models
 TARGET_MARGIN = 15.0
@@ -142,10 +141,10 @@ def main(args: argparse.Namespace) -> int:
         map_name = next(iter(results["maps"]))
         rows[f"{method} ({map_name} map)"] = _headline(results, map_name)
     baseline_dir = run_root / "baselines"
-    _check(_cli("eval", "-c", args.config, *overrides, "--baseline", *BASELINES, "--split", "test",
+    _check(_cli("eval", "-c", args.config, *overrides, "--baseline", *Baseline, "--split", "test",
                 "--out", str(baseline_dir)), "evaluating the baselines")
     results = json.loads((baseline_dir / "results.json").read_text())
-    for name in BASELINES:
+    for name in Baseline:
         rows[f"{name} baseline"] = _headline(results, name)
 
     verdict = _verdict(rows)
@@ -158,7 +157,7 @@ def main(args: argparse.Namespace) -> int:
 
 def _verdict(rows: dict) -> dict:
     calm = rows["calm-em (joint map)"]["max_box_acc_v2"] if "calm-em (joint map)" in rows else None
-    baselines = [rows[f"{name} baseline"]["max_box_acc_v2"] for name in BASELINES]
+    baselines = [rows[f"{name} baseline"]["max_box_acc_v2"] for name in Baseline]
     best = max(baselines)
     met = calm is not None and calm >= best + TARGET_MARGIN and all(b <= BASELINE_CEILING for b in baselines)
     return {"calm_em_max_box_acc_v2": calm, "best_baseline_max_box_acc_v2": best,

@@ -16,6 +16,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 
 import torch
@@ -92,6 +93,24 @@ def init_world(timeout_minutes: float = 10.0) -> World:
 def usable_cores() -> int:
     """CPU cores this process may run on (its affinity mask where the OS has one)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def in_multi_rank_job() -> bool:
+    """True when a launcher started this process as one of several ranks (WORLD_SIZE > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def report_rank_failure(command: str, error: BaseException) -> int:
+    """The one handler of a rank that fails in a multi-rank job; returns the exit status (1).
+
+    The launcher stops the other ranks when one exits non-zero, so this prints the traceback and one line
+    that names the rank and the error: a collective error is often only the echo of another rank's death.
+    """
+    traceback.print_exc()
+    print(f"[calm-fast] {command} rank {os.environ.get('RANK', '?')} failed: {type(error).__name__}: {error}. If "
+          "this is a communication error, another rank probably died first: look for its message above.",
+          file=sys.stderr, flush=True)
+    return 1
 
 
 def share_cpu_threads(world: World) -> None:

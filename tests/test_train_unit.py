@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,6 +20,11 @@ from calm_fast.data.loaders import TrainBatches
 from calm_fast.data.sampling import global_batch_indices
 from calm_fast.models import weights
 from calm_fast.train import checkpoint as ckpt
+from calm_fast.data.synthetic import generate
+from calm_fast.distributed import World
+from calm_fast.evaluate import job
+from calm_fast.models import build_model
+from calm_fast.train import loop
 from calm_fast.train.log import truncate_metrics
 from calm_fast.train.optim import build_optimizer, deepspeed_config, lr_factor
 
@@ -309,3 +315,50 @@ def test_per_rank_batchnorm_stays_an_option_and_cpu_ranks_are_told_so():
     assert not any(isinstance(module, torch.nn.SyncBatchNorm) for module in model.modules())
     with pytest.raises(ConfigError, match="model.sync_batchnorm.*CUDA.*model.sync_batchnorm=false"):
         synchronise_batchnorm(model, load_config(EXPERIMENT_CONFIGS[0]), world_size=2, device_type="cpu")
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    generate(root, name="SYNTH", seed=2, num_classes=3, sizes={"train": 8, "val": 7}, image_size=32, workers=1)
+    return root
+
+
+@pytest.mark.parametrize("localization", [True, False])
+def test_validation_reads_the_one_loader_built_with_eval_batch_size(synthetic_root, monkeypatch, localization):
+    cfg = load_config(None, [f"data.root={json.dumps(str(synthetic_root))}", "data.dataset=SYNTH", "data.loader=torch",
+                             "data.workers=0", "data.input_size=32", "data.resize_size=36", "data.batch_size=4",
+                             "model.backbone=tiny_resnet", "eval.batch_size=3",
+                             f"train.val_localization={json.dumps(localization)}"])
+    world = World(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"))
+    built = []
+    real_build = loop.build_eval_loader
+
+    def spy_build(cfg_, split, *args, **kwargs):
+        built.append((split.split, cfg_.eval.batch_size))
+        return real_build(cfg_, split, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "build_eval_loader", spy_build)
+    data = loop.build_run_data(cfg, world)
+    assert built == [("val", 3)]  # one validation loader, with eval.batch_size
+
+    def no_second_loader(*args, **kwargs):
+        raise AssertionError("validation built a loader of its own")
+
+    monkeypatch.setattr(job, "build_eval_loader", no_second_loader)
+    batch_sizes = []
+
+    class CountingLoader:
+        def __iter__(self):
+            for batch in data.val_loader:
+                batch_sizes.append(len(batch[1]))
+                yield batch
+
+    torch.manual_seed(0)
+    model = build_model("tiny_resnet", data.train_split.num_classes, "calm-em")
+    result = loop.validate(SimpleNamespace(module=model), CountingLoader(), data.val_split, cfg, world, torch.float32)
+    assert batch_sizes == [3, 3, 1] and result["num_images"] == 7
+    assert ("max_box_acc_v2" in result) == localization

@@ -188,7 +188,7 @@ def unpack_exported(payload: Any, path: str | os.PathLike) -> tuple[dict[str, to
     """(state_dict, config, step) of the loaded contents of an exported model file (`path` names it in errors)."""
     if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
         raise CheckpointError(f"{path}: not a calm-fast exported model (expected format {EXPORT_FORMAT!r})")
-    return payload["state_dict"], config_from_dict(payload["config"]), payload["step"]
+    return payload["state_dict"], config_from_dict(payload["config"], source=f"{path} (its config)"), payload["step"]
 
 
 def load_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Config | None]:

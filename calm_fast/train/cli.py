@@ -27,11 +27,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
-import traceback
 from pathlib import Path
 
 from calm_fast.config import load_config
+from calm_fast.distributed import in_multi_rank_job, report_rank_failure
 from calm_fast.errors import is_user_error
 from calm_fast.models.weights import checkpoint_root, usable_checkpoint
 from calm_fast.train.checkpoint import export_model
@@ -58,19 +57,12 @@ def main(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"--export: no usable checkpoint under {checkpoint_root(cfg.run_dir)}")
         print(export_model(source, Path(cfg.run_dir) / "model.pt"))
         return 0
-    multi_rank = int(os.environ.get("WORLD_SIZE", "1")) > 1
     try:
         summary = train(cfg, resume=args.resume)
     except Exception as error:
-        if not multi_rank or is_user_error(error):
+        if not in_multi_rank_job() or is_user_error(error):
             raise
-        # In a multi-rank job the launcher stops the others when one rank exits non-zero; say which
-        # rank failed and why, since a collective error is often only the echo of another rank's death.
-        rank = os.environ.get("RANK", "?")
-        traceback.print_exc()
-        print(f"[calm-fast] rank {rank} failed: {type(error).__name__}: {error}. If this is a communication "
-              "error, another rank probably died first: look for its message above.", file=sys.stderr, flush=True)
-        return 1
+        return report_rank_failure("train", error)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary, indent=2))
     return 0
