@@ -15,10 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
 
 from calm_fast.atomic import write_json
 from calm_fast.config import load_config
@@ -58,9 +63,6 @@ def _check(process: subprocess.Popen, what: str, log: Path | None = None) -> Non
 
 def _train_both(args, run_root: Path, overrides: list[str]) -> None:
     """Train CALM-EM and CAM side by side, each on one thread, and show their progress."""
-    from rich.live import Live
-    from rich.table import Table
-
     env = dict(os.environ, OMP_NUM_THREADS="1")
     jobs = {}
     for method in METHODS:
@@ -69,8 +71,6 @@ def _train_both(args, run_root: Path, overrides: list[str]) -> None:
             print(f"{method}: already trained ({run_dir / 'model.pt'}); --retrain to train again")
             continue
         if run_dir.exists() and args.retrain:
-            import shutil
-
             shutil.rmtree(run_dir)
         log = run_root / f"train-{method}.log"
         job_args = ["train", "-c", args.config, *overrides, f"model.method={method}", f"run_dir={run_dir}",
@@ -166,9 +166,6 @@ def _verdict(rows: dict) -> dict:
 
 
 def _print_table(rows: dict, verdict: dict, seconds: float) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title="calm-fast demo: synthetic test split (GT-known maps)")
     columns = (("cls_top1_acc", "top-1 cls"), ("max_box_acc", "MaxBoxAcc"), ("max_box_acc_v2", "MaxBoxAccV2"),
                ("top1_loc", "top-1 loc"), ("pxap", "PxAP"))

@@ -19,6 +19,7 @@ import time
 import traceback
 from dataclasses import dataclass
 
+import numba
 import torch
 
 _LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -72,7 +73,7 @@ def free_port() -> int:
 def init_world(timeout_minutes: float = 10.0) -> World:
     """Create the process group (through DeepSpeed) and return this process's World."""
     prepare_environment()
-    import deepspeed
+    import deepspeed  # after prepare_environment: DeepSpeed reads the environment when imported
 
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ["LOCAL_RANK"])
@@ -118,8 +119,6 @@ def share_cpu_threads(world: World) -> None:
     An explicit OMP_NUM_THREADS wins."""
     if "OMP_NUM_THREADS" in os.environ:
         return
-    import numba
-
     threads = max(1, (os.cpu_count() or 1) // world.local_world_size)
     if world.device.type == "cpu":
         torch.set_num_threads(threads)

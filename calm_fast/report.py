@@ -36,15 +36,15 @@ __all__ = [
 
 
 def _save_figure(figure, path: str | os.PathLike) -> Path:
-    import matplotlib.pyplot as plt
-
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    plt.close(figure)
+    _pyplot().close(figure)
     return atomic_write_bytes(path, buffer.getvalue())
 
 
 def _pyplot():
+    """matplotlib's pyplot on the Agg backend. Imported on the first plot: matplotlib is slow to import and
+    only the report files need it; the backend must be chosen before pyplot is imported."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -265,7 +265,7 @@ class OverlayItem:
 
 
 def _draw_boxes(axis, boxes: np.ndarray | None, colour: str, style: str) -> None:
-    from matplotlib.patches import Rectangle
+    from matplotlib.patches import Rectangle  # matplotlib on use (see _pyplot)
 
     if boxes is None:
         return

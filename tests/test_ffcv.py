@@ -395,6 +395,7 @@ def test_bad_image_stops_conversion_and_leaves_nothing(tmp_path):
     assert leftovers(out) == []  # no .beton, no sidecar, no temporary file or report folder
 
 
+@pytest.mark.slow  # conversion worker processes that die
 @pytest.mark.parametrize("death", ["exit", "kill"])
 def test_crashed_worker_stops_conversion(tmp_path, monkeypatch, death):
     rng = np.random.default_rng(7)
@@ -414,6 +415,7 @@ def test_crashed_worker_stops_conversion(tmp_path, monkeypatch, death):
     assert leftovers(tmp_path / "ffcv") == []
 
 
+@pytest.mark.slow  # a conversion subprocess, killed
 def test_killed_conversion_leaves_no_complete_beton(tmp_path):
     rng = np.random.default_rng(8)
     files = [(f"im{i}.jpg", encode(smooth_image(rng, 32, 32)), i % 2, (32, 32)) for i in range(8)]

@@ -198,3 +198,18 @@ def test_merged_loss_equals_calm_loss_of_the_two_maps(objective):
     assert (grad[:, 5] == 0).all() == (objective == "cam")
     with pytest.raises(ValueError, match="head_maps must be"):
         head.merged_loss(maps[:, :5], labels, 5, "em", backend="torch")
+
+
+def test_the_kernels_implement_every_prior_and_the_backend_is_read_once(monkeypatch):
+    from calm_fast.kernels import calm_head  # kernels/ cannot import calm_fast.modes; its list must agree
+
+    assert set(calm_head.PRIORS) == set(Prior)
+    head.default_backend.cache_clear()
+    monkeypatch.setenv("CALM_FAST_HEAD_BACKEND", "torch")
+    assert head.default_backend() is head.Backend.TORCH
+    monkeypatch.setenv("CALM_FAST_HEAD_BACKEND", "bogus")  # read once per process: no longer looked at
+    assert head.default_backend() is head.Backend.TORCH
+    head.default_backend.cache_clear()
+    with pytest.raises(ValueError, match="CALM_FAST_HEAD_BACKEND='bogus'"):
+        head.default_backend()
+    head.default_backend.cache_clear()

@@ -164,6 +164,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def consolidate(checkpoint: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Config | None]:
     """(fp32 state dict with ZeRO shards merged, config or None) of a training checkpoint folder."""
+    # DeepSpeed on use: slow to import, and only checkpoint folders (not model files) need it.
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     checkpoint = Path(checkpoint)

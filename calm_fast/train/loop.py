@@ -100,7 +100,8 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
 
 
 def _quiet_deepspeed() -> None:
-    from deepspeed.utils import logger as deepspeed_logger  # deepspeed is heavy: imported when training starts
+    # DeepSpeed is imported when training starts: it is slow to import and evaluation does not need it.
+    from deepspeed.utils import logger as deepspeed_logger
 
     deepspeed_logger.setLevel(logging.WARNING)
 
@@ -264,7 +265,7 @@ def synchronise_batchnorm(model: torch.nn.Module, cfg: Config, world_size: int, 
 
 def _build_engine(cfg: Config, world: World, num_classes: int, steps_per_epoch: int, total_steps: int):
     """Model, SGD with the two LR groups, LR schedule, all wrapped in a DeepSpeed engine."""
-    import deepspeed  # heavy: imported when training starts
+    import deepspeed  # on use, as in _quiet_deepspeed
 
     model = build_model(cfg.model.backbone, num_classes, cfg.model.method,
                         large_feature_map=cfg.model.large_feature_map, pretrained=cfg.model.pretrained,
