@@ -1,5 +1,5 @@
-"""calm_fast.data.loaders: the one choice between FFCV and torch for a split (data.loader, the .beton's
-sidecar), and the loaders it builds for evaluation and training."""
+"""calm_fast.data.loaders: the one choice between FFCV and torch for a split (data.loader for training,
+data.eval_loader for evaluation; the .beton's sidecar), and the loaders it builds."""
 
 from __future__ import annotations
 
@@ -32,9 +32,10 @@ def converted(tmp_path_factory):
 
 
 def config(root, kind: str):
+    """data.loader (training) and data.eval_loader (evaluation) both set to `kind`."""
     return load_config(None, [f"data.root={json.dumps(str(root))}", "data.dataset=SYNTH", f"data.loader={kind}",
-                              "data.input_size=24", "data.resize_size=28", "data.batch_size=4", "data.workers=1",
-                              "eval.batch_size=3"])
+                              f"data.eval_loader={kind}", "data.input_size=24", "data.resize_size=28",
+                              "data.batch_size=4", "data.workers=1", "eval.batch_size=3"])
 
 
 def test_auto_takes_ffcv_only_for_a_beton_converted_from_the_current_metadata(converted):
@@ -57,6 +58,8 @@ def test_ffcv_insists_and_says_what_to_do(converted):
     relabelled = dataclasses.replace(train, labels=(train.labels + 1) % 2)  # every label changed
     with pytest.raises(FileNotFoundError, match=r"SYNTH_train\.beton does not match .*convert` again"):
         choose_loader(config(root, "ffcv"), relabelled)
+    with pytest.raises(FileNotFoundError, match=r"data\.eval_loader='ffcv' but .*SYNTH_val\.beton does not exist"):
+        choose_loader(config(root, "ffcv"), val, "data.eval_loader")  # the message names the setting
     with pytest.raises(ConfigError, match="data.loader='fast'"):
         config(root, "fast")
 
@@ -79,5 +82,8 @@ def test_the_built_loaders_follow_the_choice(converted):
     assert [len(labels) for _, labels, _ in eval_loader] == [3, 3, 2]  # eval.batch_size per batch
     torch_loader = build_eval_loader(config(root, "torch"), train)
     assert torch_loader.batch_size == 3
+    training_ffcv = dataclasses.replace(config(root, "auto"), data=dataclasses.replace(
+        config(root, "auto").data, eval_loader=LoaderKind.TORCH))
+    assert not isinstance(build_eval_loader(training_ffcv, train), FFCVLoader)  # evaluation follows eval_loader
     assert isinstance(build_train_batches(config(root, "auto"), world, train), FFCVTrainBatches)
     assert isinstance(build_train_batches(config(root, "torch"), world, train), TrainBatches)
