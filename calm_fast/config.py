@@ -10,9 +10,10 @@ valid TOML is taken as a plain string, so `data.dataset=CUB` works without quote
 Relative paths inside a config (data root, run folder, DeepSpeed JSON) are relative to the working
 directory of the run, not to the config file: the shipped configs expect to be run from the repository
 root. Every unknown section or key is an error that names the file (or the override) and the key. Mode
-settings (model.method, model.prior, train.precision, optim.schedule, data.loader, data.eval_loader) are
-parsed into the `calm_fast.modes` enums here, once. A renamed key of an older version (`data.eval_batch_size`, now
-`eval.batch_size`) is still read, with a warning that names the file.
+settings (model.method and prior, train.precision, optim.schedule, data.loader and eval_loader,
+eval.benchmarks, cue_grid and cue_normalization) are parsed into the `calm_fast.modes` enums here, once.
+A renamed key of an older version (`data.eval_batch_size`, now `eval.batch_size`) is still read, with a
+warning that names the file.
 """
 
 from __future__ import annotations
@@ -148,10 +149,12 @@ class EvalConfig:
     iou_thresholds: list[int] = field(default_factory=lambda: [30, 50, 70])
     multi_contour: bool = True  # MaxBoxAccV2 (True) or v1 single-contour boxes
     batch_size: int = 64  # per rank, for `calm-fast eval` and training's validation alike
-    benchmarks: list[str] = field(default_factory=lambda: ["wsol"])  # wsol | cue | remove-classify
-    cue_grid: str = "log"  # log: the reference's log-spaced thresholds (sub-threshold scores dropped) | linear
+    benchmarks: list[Benchmark] = field(default_factory=lambda: [Benchmark.WSOL])  # wsol | cue | remove-classify
+    # log: the reference's log-spaced thresholds (sub-threshold scores dropped) | linear
+    cue_grid: CueGrid = CueGrid.LOG
     cue_curve_interval: float = 0.001  # log: 7 * interval apart in log10 (0.001: 1000 thresholds); linear: step
-    cue_normalization: str = "auto"  # auto: clip for joint/posterior maps, minmax for class logits | clip | minmax | max
+    # auto: clip for joint/posterior maps, minmax for class logits | clip | minmax | max
+    cue_normalization: CueNormalization = CueNormalization.AUTO
     cue_cumulative: bool = True  # also report the reference's never-reset accumulator, labelled as such
     cub_root: str = ""  # CUB mode: the CUB_200_2011 folder (images.txt, parts/, attributes/); "": <data.root>/CUB
     cub_segmentation_root: str = ""  # CUB mode: the segmentations/ folder; "": <cub_root>/segmentations
@@ -365,10 +368,6 @@ def validate(cfg: Config, origin: dict[str, str] | None = None) -> None:
     origin = origin or {}
     _choice(cfg.train.zero_stage, ZERO_STAGES, "train.zero_stage", origin)
     _choice(cfg.eval.map_kind, ("auto", *MapKind), "eval.map_kind", origin)
-    for benchmark in cfg.eval.benchmarks:
-        _choice(benchmark, tuple(Benchmark), "eval.benchmarks", origin)
-    _choice(cfg.eval.cue_grid, tuple(CueGrid), "eval.cue_grid", origin)
-    _choice(cfg.eval.cue_normalization, tuple(CueNormalization), "eval.cue_normalization", origin)
     positive = {
         "data.input_size": cfg.data.input_size, "data.resize_size": cfg.data.resize_size,
         "data.batch_size": cfg.data.batch_size,
@@ -410,8 +409,14 @@ def validate(cfg: Config, origin: dict[str, str] | None = None) -> None:
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
     """Nested plain data (None values kept; modes as their strings, so the dict pickles without calm-fast)."""
-    return dataclasses.asdict(cfg, dict_factory=lambda items: {
-        key: value.value if isinstance(value, enum.Enum) else value for key, value in items})
+    return dataclasses.asdict(cfg, dict_factory=lambda items: {key: _plain(value) for key, value in items})
+
+
+def _plain(value: Any) -> Any:
+    """A mode's string for the enum member, element-wise in lists."""
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    return value.value if isinstance(value, enum.Enum) else value
 
 
 def dump_toml(cfg: Config) -> str:

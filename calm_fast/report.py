@@ -347,8 +347,6 @@ def cue_table(cue: dict, title: str = "cue localization"):
     """A rich Table of cue-localization PxAP: one row per map, mean PxAP per group of class pairs (the
     number of differing parts) with scored / evaluated pairs, and the pair-weighted mean. Maps with the
     reference's cumulative number get a second, labelled row."""
-    from rich.table import Table
-
     maps: dict = cue["maps"]
     groups = sorted({int(g) for m in maps.values() for g in m["groups"]})
     table = Table(title=title, title_justify="left", caption=next(iter(maps.values()))["grid"] if maps else None)

@@ -21,7 +21,7 @@ from calm_fast.config import (
     parse_override,
     save_config,
 )
-from calm_fast.modes import LoaderKind, Method, Precision, Prior
+from calm_fast.modes import Benchmark, LoaderKind, Method, Precision, Prior
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -243,3 +243,6 @@ def test_modes_are_parsed_when_the_config_is_read():
     assert cfg.model.method is Method.CAM and cfg.train.precision is Precision.BF16
     assert cfg.data.loader is LoaderKind.TORCH and cfg.model.prior is Prior.RELU
     assert config_to_dict(cfg)["model"]["method"].__class__ is str  # plain data again (pickles without calm-fast)
+    listed = load_config(None, ['eval.benchmarks=["wsol", "cue"]'])
+    assert listed.eval.benchmarks == [Benchmark.WSOL, Benchmark.CUE]
+    assert [type(b) for b in config_to_dict(listed)["eval"]["benchmarks"]] == [str, str]
