@@ -1,6 +1,6 @@
-# Two entry points for a fresh machine (Debian/Ubuntu, Python 3.10+, root or sudo for apt):
+# Two entry points for a fresh machine (Debian/Ubuntu, Python 3.11+, root or sudo for apt):
 #   make demo   set everything up, then run the main job on the embedded synthetic dataset
-#   make test   set everything up, then run the test suite
+#   make test   set everything up, then check the import layers (lint-imports) and run the test suite
 # Both are idempotent: the set-up is skipped while pyproject.toml is unchanged.
 
 VENV ?= .venv

@@ -9,18 +9,24 @@ valid TOML is taken as a plain string, so `data.dataset=CUB` works without quote
 
 Relative paths inside a config (data root, run folder, DeepSpeed JSON) are relative to the working
 directory of the run, not to the config file: the shipped configs expect to be run from the repository
-root. Every unknown section or key is an error that names the file (or the override) and the key.
+root. Every unknown section or key is an error that names the file (or the override) and the key. Mode
+settings (model.method and prior, train.precision, optim.schedule, data.loader and eval_loader,
+eval.benchmarks, cue_grid and cue_normalization) are parsed into the `calm_fast.modes` enums here, once.
+A renamed key of an older version (`data.eval_batch_size`, now `eval.batch_size`) is still read, with a
+warning that names the file.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import math
 import os
 import tomllib
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +44,8 @@ from calm_fast.modes import (
     Precision,
     Prior,
     Schedule,
+    map_kinds_of,
+    parse,
 )
 
 ZERO_STAGES = (1, 2)
@@ -45,6 +53,15 @@ ZERO_STAGES = (1, 2)
 
 class ConfigError(UserError, ValueError):
     """A config file or override is malformed; the message names the file or override and the key."""
+
+
+class ConfigDeprecationWarning(FutureWarning):
+    """A config uses a key of an older version; it is read under its new name (shown to users by default)."""
+
+
+# Old key -> the key it is read as. data.eval_batch_size set the batch of training's validation loader,
+# eval.batch_size that of every other evaluation: one setting for one thing since eval.batch_size.
+RENAMED_KEYS = {"data.eval_batch_size": "eval.batch_size"}
 
 
 @dataclass
@@ -64,20 +81,19 @@ class DataConfig:
     input_size: int = 224
     resize_size: int = 256
     batch_size: int = 64  # global: summed over ranks and gradient-accumulation steps
-    eval_batch_size: int = 64  # per rank
     workers: int = 4  # loader processes per rank
-    loader: str = "auto"  # training: auto | ffcv | torch
+    loader: LoaderKind = LoaderKind.AUTO  # training: auto | ffcv | torch (calm_fast.data.loaders)
     # Evaluation and validation: torch (the exact path: PIL bilinear from the original file, as the reference)
     # | auto | ffcv (faster; JPEG q90 ≤ 512 px and INTER_AREA give other pixels, README "Reproducing the paper")
-    eval_loader: str = "torch"
+    eval_loader: LoaderKind = LoaderKind.TORCH
     beton_dir: str | None = None  # FFCV files; default <root>/ffcv
 
 
 @dataclass
 class ModelConfig:
     backbone: str = "resnet50"
-    method: str = "calm-em"  # cam | calm-em | calm-ml
-    prior: str = "relu"  # relu (the reference) | softmax
+    method: Method = Method.CALM_EM  # cam | calm-em | calm-ml
+    prior: Prior = Prior.RELU  # relu (the reference) | softmax
     large_feature_map: bool = True
     pretrained: str | None = None  # torchvision-format ImageNet state dict (local file)
     batch_norm: bool = False  # BN in the extra VGG/Inception layers
@@ -91,7 +107,7 @@ class OptimConfig:
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 1e-4
-    schedule: str = "step"  # step | step_reference (decays one epoch earlier, as the reference) | cosine
+    schedule: Schedule = Schedule.STEP  # step | step_reference (decays one epoch earlier, as the reference) | cosine
     lr_decay_frequency: int = 30  # epochs
     lr_decay_factor: float = 0.1
     warmup_steps: int = 0  # linear warm-up from 0, for either schedule
@@ -105,7 +121,7 @@ class TrainConfig:
     max_steps: int | None = None  # optimizer steps; stops earlier than `epochs` when set
     max_minutes: float | None = None  # time budget: stop cleanly (and checkpoint) when it runs out
     seed: int = 0
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (dynamic loss scaling)
+    precision: Precision = Precision.FP32  # fp32 | bf16 | fp16 (dynamic loss scaling)
     zero_stage: int = 1  # ZeRO stage 1 or 2
     grad_accum: int = 1  # micro-batches per optimizer step on each rank
     deepspeed_json: str | None = None  # extra DeepSpeed settings (configs/deepspeed/*.json)
@@ -132,11 +148,13 @@ class EvalConfig:
     cam_curve_interval: float = 0.001  # the reference evaluator's grid (CALM.md §3); 0.01: coarser, an option
     iou_thresholds: list[int] = field(default_factory=lambda: [30, 50, 70])
     multi_contour: bool = True  # MaxBoxAccV2 (True) or v1 single-contour boxes
-    batch_size: int = 64  # per rank
-    benchmarks: list[str] = field(default_factory=lambda: ["wsol"])  # wsol | cue | remove-classify
-    cue_grid: str = "log"  # log: the reference's log-spaced thresholds (sub-threshold scores dropped) | linear
+    batch_size: int = 64  # per rank, for `calm-fast eval` and training's validation alike
+    benchmarks: list[Benchmark] = field(default_factory=lambda: [Benchmark.WSOL])  # wsol | cue | remove-classify
+    # log: the reference's log-spaced thresholds (sub-threshold scores dropped) | linear
+    cue_grid: CueGrid = CueGrid.LOG
     cue_curve_interval: float = 0.001  # log: 7 * interval apart in log10 (0.001: 1000 thresholds); linear: step
-    cue_normalization: str = "auto"  # auto: clip for joint/posterior maps, minmax for class logits | clip | minmax | max
+    # auto: clip for joint/posterior maps, minmax for class logits | clip | minmax | max
+    cue_normalization: CueNormalization = CueNormalization.AUTO
     cue_cumulative: bool = True  # also report the reference's never-reset accumulator, labelled as such
     cub_root: str = ""  # CUB mode: the CUB_200_2011 folder (images.txt, parts/, attributes/); "": <data.root>/CUB
     cub_segmentation_root: str = ""  # CUB mode: the segmentations/ folder; "": <cub_root>/segmentations
@@ -247,9 +265,15 @@ def _set_dotted(raw: dict, origin: dict, key: str, value: Any, source: str) -> N
     origin[key] = source
 
 
-def config_from_dict(raw: dict[str, Any], origin: dict[str, str] | None = None) -> Config:
-    """Build a Config from nested plain data, checking every key, type and choice."""
-    origin = origin or {}
+def config_from_dict(raw: dict[str, Any], origin: dict[str, str] | None = None, source: str = "config") -> Config:
+    """Build a Config from nested plain data, checking every key, type and choice. Messages name where each
+    key came from (`origin`: "section.key" -> file or override), else `source`."""
+    origin = dict(origin or {})
+    for key, value in raw.items():
+        origin.setdefault(key, source)
+        for name in value if isinstance(value, dict) else ():
+            origin.setdefault(f"{key}.{name}", source)
+    raw = _read_renamed_keys(raw, origin)
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
         if key in TOP_LEVEL_KEYS:
@@ -270,6 +294,30 @@ def _where(origin: dict[str, str], key: str) -> str:
     return origin.get(key, "config")
 
 
+def _read_renamed_keys(raw: dict[str, Any], origin: dict[str, str]) -> dict[str, Any]:
+    """`raw` with each old key of RENAMED_KEYS moved to its new name (a warning names where it was set); a
+    new key set explicitly wins over its old name."""
+    raw = {key: dict(value) if isinstance(value, dict) else value for key, value in raw.items()}
+    for old, new in RENAMED_KEYS.items():
+        old_section, old_name = old.split(".")
+        if not isinstance(raw.get(old_section), dict) or old_name not in raw[old_section]:
+            continue
+        value = raw[old_section].pop(old_name)
+        new_section, new_name = new.split(".")
+        target = raw.setdefault(new_section, {})
+        where = _where(origin, old)
+        if isinstance(target, dict) and new_name in target:
+            outcome = f"{new} = {target[new_name]!r} from {_where(origin, new)} is used; remove {old}"
+        else:
+            if isinstance(target, dict):
+                target[new_name] = value
+                origin[new] = where
+            outcome = f"read as {new} = {value!r}; rename it"
+        warnings.warn(f"{where}: {old} is deprecated ({old} and {new} set the same thing); {outcome}",
+                      ConfigDeprecationWarning, stacklevel=4)
+    return raw
+
+
 def _section_from_dict(section: str, cls: type, values: dict, origin: dict[str, str]):
     hints = typing.get_type_hints(cls)
     kwargs = {}
@@ -283,8 +331,14 @@ def _section_from_dict(section: str, cls: type, values: dict, origin: dict[str, 
 
 
 def _coerce(value: Any, annotation: Any, source: str, key: str) -> Any:
-    """Check `value` against a field annotation; ints are accepted for floats. Returns the value."""
+    """Check `value` against a field annotation; ints are accepted for floats, mode strings become their
+    `calm_fast.modes` enum. Returns the value."""
     args = typing.get_args(annotation)
+    if isinstance(annotation, type) and issubclass(annotation, enum.StrEnum):
+        try:
+            return parse(annotation, value, key)
+        except ValueError as error:
+            raise ConfigError(f"{source}: {error}") from None
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -313,21 +367,11 @@ def validate(cfg: Config, origin: dict[str, str] | None = None) -> None:
     """Check choices and ranges that the types alone do not catch."""
     origin = origin or {}
     _check_finite(cfg, origin)
-    _choice(cfg.model.method, tuple(Method), "model.method", origin)
-    _choice(cfg.model.prior, tuple(Prior), "model.prior", origin)
-    _choice(cfg.train.precision, tuple(Precision), "train.precision", origin)
     _choice(cfg.train.zero_stage, ZERO_STAGES, "train.zero_stage", origin)
-    _choice(cfg.optim.schedule, tuple(Schedule), "optim.schedule", origin)
-    _choice(cfg.data.loader, tuple(LoaderKind), "data.loader", origin)
-    _choice(cfg.data.eval_loader, tuple(LoaderKind), "data.eval_loader", origin)
     _choice(cfg.eval.map_kind, ("auto", *MapKind), "eval.map_kind", origin)
-    for benchmark in cfg.eval.benchmarks:
-        _choice(benchmark, tuple(Benchmark), "eval.benchmarks", origin)
-    _choice(cfg.eval.cue_grid, tuple(CueGrid), "eval.cue_grid", origin)
-    _choice(cfg.eval.cue_normalization, tuple(CueNormalization), "eval.cue_normalization", origin)
     positive = {
         "data.input_size": cfg.data.input_size, "data.resize_size": cfg.data.resize_size,
-        "data.batch_size": cfg.data.batch_size, "data.eval_batch_size": cfg.data.eval_batch_size,
+        "data.batch_size": cfg.data.batch_size,
         "train.epochs": cfg.train.epochs, "train.grad_accum": cfg.train.grad_accum,
         "train.keep_last": cfg.train.keep_last, "train.log_every": cfg.train.log_every,
         "optim.lr_decay_frequency": cfg.optim.lr_decay_frequency, "eval.batch_size": cfg.eval.batch_size,
@@ -370,9 +414,9 @@ def validate(cfg: Config, origin: dict[str, str] | None = None) -> None:
         raise ConfigError(f"{_where(origin, 'eval.cam_curve_interval')}: eval.cam_curve_interval must lie in (0, 1)")
     if not 0 < cfg.eval.cue_curve_interval < 1:
         raise ConfigError(f"{_where(origin, 'eval.cue_curve_interval')}: eval.cue_curve_interval must lie in (0, 1)")
-    if cfg.model.prior == "softmax" and cfg.model.method == "cam":
+    if cfg.model.prior == Prior.SOFTMAX and cfg.model.method == Method.CAM:
         raise ConfigError(f"{_where(origin, 'model.prior')}: model.prior only applies to CALM methods")
-    if cfg.model.method == "cam" and cfg.eval.map_kind in ("joint", "posterior", "prior"):
+    if cfg.eval.map_kind != "auto" and MapKind(cfg.eval.map_kind) not in map_kinds_of(cfg.model.method):
         raise ConfigError(f"{_where(origin, 'eval.map_kind')}: eval.map_kind={cfg.eval.map_kind!r} {CAM_MAPS_ONLY}")
 
 
@@ -391,8 +435,15 @@ def _check_finite(cfg: Config, origin: dict[str, str]) -> None:
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
-    """Nested plain data (None values kept)."""
-    return dataclasses.asdict(cfg)
+    """Nested plain data (None values kept; modes as their strings, so the dict pickles without calm-fast)."""
+    return dataclasses.asdict(cfg, dict_factory=lambda items: {key: _plain(value) for key, value in items})
+
+
+def _plain(value: Any) -> Any:
+    """A mode's string for the enum member, element-wise in lists."""
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    return value.value if isinstance(value, enum.Enum) else value
 
 
 def dump_toml(cfg: Config) -> str:
@@ -422,8 +473,8 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
     atomic_write_text(Path(path), dump_toml(cfg))
 
 
-def effective_map_kind(cfg: Config) -> str:
+def effective_map_kind(cfg: Config) -> MapKind:
     """eval.map_kind with "auto" resolved: CAM's map is its class logits, CALM's the joint p(y, z | x)."""
     if cfg.eval.map_kind != "auto":
-        return cfg.eval.map_kind
-    return "class" if cfg.model.method == "cam" else "joint"
+        return MapKind(cfg.eval.map_kind)
+    return MapKind.CLASS if cfg.model.method == Method.CAM else MapKind.JOINT

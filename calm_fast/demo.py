@@ -15,16 +15,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
 from calm_fast.atomic import write_json
 from calm_fast.config import load_config
 from calm_fast.evaluate.job import headline
-from calm_fast.evaluate.maps import BASELINES
-from calm_fast.modes import Method
+from calm_fast.modes import Baseline, Method
 
 METHODS = (Method.CALM_EM, Method.CAM)  # the demo's two trained models
 TARGET_MARGIN = 15.0
@@ -59,9 +63,6 @@ def _check(process: subprocess.Popen, what: str, log: Path | None = None) -> Non
 
 def _train_both(args, run_root: Path, overrides: list[str]) -> None:
     """Train CALM-EM and CAM side by side, each on one thread, and show their progress."""
-    from rich.live import Live
-    from rich.table import Table
-
     env = dict(os.environ, OMP_NUM_THREADS="1")
     jobs = {}
     for method in METHODS:
@@ -70,8 +71,6 @@ def _train_both(args, run_root: Path, overrides: list[str]) -> None:
             print(f"{method}: already trained ({run_dir / 'model.pt'}); --retrain to train again")
             continue
         if run_dir.exists() and args.retrain:
-            import shutil
-
             shutil.rmtree(run_dir)
         log = run_root / f"train-{method}.log"
         job_args = ["train", "-c", args.config, *overrides, f"model.method={method}", f"run_dir={run_dir}",
@@ -142,10 +141,10 @@ def main(args: argparse.Namespace) -> int:
         map_name = next(iter(results["maps"]))
         rows[f"{method} ({map_name} map)"] = _headline(results, map_name)
     baseline_dir = run_root / "baselines"
-    _check(_cli("eval", "-c", args.config, *overrides, "--baseline", *BASELINES, "--split", "test",
+    _check(_cli("eval", "-c", args.config, *overrides, "--baseline", *Baseline, "--split", "test",
                 "--out", str(baseline_dir)), "evaluating the baselines")
     results = json.loads((baseline_dir / "results.json").read_text())
-    for name in BASELINES:
+    for name in Baseline:
         rows[f"{name} baseline"] = _headline(results, name)
 
     verdict = _verdict(rows)
@@ -158,7 +157,7 @@ def main(args: argparse.Namespace) -> int:
 
 def _verdict(rows: dict) -> dict:
     calm = rows["calm-em (joint map)"]["max_box_acc_v2"] if "calm-em (joint map)" in rows else None
-    baselines = [rows[f"{name} baseline"]["max_box_acc_v2"] for name in BASELINES]
+    baselines = [rows[f"{name} baseline"]["max_box_acc_v2"] for name in Baseline]
     best = max(baselines)
     met = calm is not None and calm >= best + TARGET_MARGIN and all(b <= BASELINE_CEILING for b in baselines)
     return {"calm_em_max_box_acc_v2": calm, "best_baseline_max_box_acc_v2": best,
@@ -167,9 +166,6 @@ def _verdict(rows: dict) -> dict:
 
 
 def _print_table(rows: dict, verdict: dict, seconds: float) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title="calm-fast demo: synthetic test split (GT-known maps)")
     columns = (("cls_top1_acc", "top-1 cls"), ("max_box_acc", "MaxBoxAcc"), ("max_box_acc_v2", "MaxBoxAccV2"),
                ("top1_loc", "top-1 loc"), ("pxap", "PxAP"))

@@ -19,6 +19,7 @@ import time
 import traceback
 from dataclasses import dataclass
 
+import numba
 import torch
 
 _LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -72,7 +73,7 @@ def free_port() -> int:
 def init_world(timeout_minutes: float = 10.0) -> World:
     """Create the process group (through DeepSpeed) and return this process's World."""
     prepare_environment()
-    import deepspeed
+    import deepspeed  # after prepare_environment: DeepSpeed reads the environment when imported
 
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ["LOCAL_RANK"])
@@ -95,13 +96,29 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def in_multi_rank_job() -> bool:
+    """True when a launcher started this process as one of several ranks (WORLD_SIZE > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def report_rank_failure(command: str, error: BaseException) -> int:
+    """The one handler of a rank that fails in a multi-rank job; returns the exit status (1).
+
+    The launcher stops the other ranks when one exits non-zero, so this prints the traceback and one line
+    that names the rank and the error: a collective error is often only the echo of another rank's death.
+    """
+    traceback.print_exc()
+    print(f"[calm-fast] {command} rank {os.environ.get('RANK', '?')} failed: {type(error).__name__}: {error}. If "
+          "this is a communication error, another rank probably died first: look for its message above.",
+          file=sys.stderr, flush=True)
+    return 1
+
+
 def share_cpu_threads(world: World) -> None:
     """Ranks on one machine share its cores: torch's (on CPU) and numba's (the box metrics) threads alike.
     An explicit OMP_NUM_THREADS wins."""
     if "OMP_NUM_THREADS" in os.environ:
         return
-    import numba
-
     threads = max(1, (os.cpu_count() or 1) // world.local_world_size)
     if world.device.type == "cpu":
         torch.set_num_threads(threads)

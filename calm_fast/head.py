@@ -126,6 +126,7 @@ def _use_kernels(tensor: torch.Tensor, backend: Backend | str | None) -> bool:
 
 
 def _fused(class_logits, location_scores, labels, prior):
+    # The kernels on use: Triton is slow to import and reads TRITON_INTERPRET when they are first defined.
     from calm_fast.kernels.calm_head import calm_head
 
     b, k, h, w = _check_shapes(class_logits, location_scores)

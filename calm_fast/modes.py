@@ -1,5 +1,5 @@
 """The one home of every mode list: each choice calm-fast offers (method, objective, prior, map kind,
-precision, loader kind, head backend, LR schedule, FFCV recipe and storage mode, baseline map, evaluation
+precision, loader kind, head backend, LR schedule, FFCV decoding and storage mode, baseline map, evaluation
 benchmark, cue-localization threshold grid and normalisation) is a
 `StrEnum` here. Strings from configs and command lines are turned into members once, by `parse`, where
 they enter (config reading, API entry points); inner code compares members. A member equals its string
@@ -14,8 +14,7 @@ from typing import TypeVar
 import torch
 
 __all__ = ["Method", "Objective", "Prior", "MapKind", "Precision", "LoaderKind", "Backend", "Schedule",
-           "Recipe", "DecoderMode", "WriteMode", "Baseline", "Benchmark", "CueGrid", "CueNormalization", "parse",
-           "choices"]
+           "DecoderMode", "WriteMode", "Baseline", "Benchmark", "CueGrid", "CueNormalization", "parse", "choices"]
 
 E = TypeVar("E", bound=enum.StrEnum)
 
@@ -126,19 +125,11 @@ class Schedule(enum.StrEnum):
     COSINE = "cosine"
 
 
-class Recipe(enum.StrEnum):
-    """Training augmentation of the FFCV loader."""
-
-    REFERENCE = "reference"  # resize to resize_size², random input_size² crop, flip (CALM.md §3)
-    RRC = "rrc"  # torchvision's RandomResizedCrop to input_size², flip
-
-
 class DecoderMode(enum.StrEnum):
-    """What the FFCV image decoder does: evaluation's plain resize, or a training recipe."""
+    """What the FFCV image decoder does: evaluation's plain resize, or training's reference recipe."""
 
-    EVAL = "eval"
-    REFERENCE = "reference"
-    RRC = "rrc"
+    EVAL = "eval"  # resize straight to input_size²
+    REFERENCE = "reference"  # resize to resize_size², random input_size² crop, flip (CALM.md §3)
 
 
 class WriteMode(enum.StrEnum):

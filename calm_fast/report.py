@@ -36,15 +36,15 @@ __all__ = [
 
 
 def _save_figure(figure, path: str | os.PathLike) -> Path:
-    import matplotlib.pyplot as plt
-
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    plt.close(figure)
+    _pyplot().close(figure)
     return atomic_write_bytes(path, buffer.getvalue())
 
 
 def _pyplot():
+    """matplotlib's pyplot on the Agg backend. Imported on the first plot: matplotlib is slow to import and
+    only the report files need it; the backend must be chosen before pyplot is imported."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -265,7 +265,7 @@ class OverlayItem:
 
 
 def _draw_boxes(axis, boxes: np.ndarray | None, colour: str, style: str) -> None:
-    from matplotlib.patches import Rectangle
+    from matplotlib.patches import Rectangle  # matplotlib on use (see _pyplot)
 
     if boxes is None:
         return
@@ -347,8 +347,6 @@ def cue_table(cue: dict, title: str = "cue localization"):
     """A rich Table of cue-localization PxAP: one row per map, mean PxAP per group of class pairs (the
     number of differing parts) with scored / evaluated pairs, and the pair-weighted mean. Maps with the
     reference's cumulative number get a second, labelled row."""
-    from rich.table import Table
-
     maps: dict = cue["maps"]
     groups = sorted({int(g) for m in maps.values() for g in m["groups"]})
     table = Table(title=title, title_justify="left", caption=next(iter(maps.values()))["grid"] if maps else None)

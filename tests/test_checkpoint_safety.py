@@ -170,7 +170,7 @@ def overrides(data_root: Path, run_dir: Path, *extra: str) -> list[str]:
     step schedule, so that the number of steps asked for does not change the learning rates."""
     return [f"data.root={data_root}", "data.dataset=SYNTH", f"run_dir={run_dir}", "model.backbone=tiny_resnet",
             "model.method=calm-em", "model.batch_norm=false", "data.input_size=32", "data.resize_size=40",
-            "data.batch_size=16", "data.eval_batch_size=8", "data.workers=0", "data.loader=torch",
+            "data.batch_size=16", "eval.batch_size=8", "data.workers=0", "data.loader=torch",
             "train.log_every=1", "train.checkpoint_every=2", "train.keep_last=3", "train.tensorboard=false",
             "train.progress=false", "train.val_every=0", "train.grad_accum=2", "train.zero_stage=1",
             "train.precision=fp32", "optim.lr=0.05", "optim.schedule=step", "optim.warmup_steps=0", *extra]

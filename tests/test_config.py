@@ -11,14 +11,17 @@ import pytest
 
 from calm_fast.config import (
     Config,
+    ConfigDeprecationWarning,
     ConfigError,
     config_from_dict,
+    config_to_dict,
     dump_toml,
     effective_map_kind,
     load_config,
     parse_override,
     save_config,
 )
+from calm_fast.modes import Benchmark, LoaderKind, Method, Precision, Prior
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -253,3 +256,34 @@ def test_iou_thresholds_are_checked_when_the_config_loads(value):
     """Not when validation first runs, hours into training."""
     with pytest.raises(ConfigError, match=r"eval\.iou_thresholds"):
         load_config(None, [f"eval.iou_thresholds={value}"])
+
+
+# -------------------------------------------------------------------------------------- renamed keys
+
+
+def test_the_old_eval_batch_size_key_is_read_as_eval_batch_size_with_a_warning(tmp_path):
+    old = write(tmp_path / "old.toml", "[data]\neval_batch_size = 24\n")
+    with pytest.warns(ConfigDeprecationWarning, match=rf"{re.escape(str(old))}: data\.eval_batch_size is deprecated"):
+        cfg = load_config(old)
+    assert cfg.eval.batch_size == 24 and not hasattr(cfg.data, "eval_batch_size")
+    both = write(tmp_path / "both.toml", "[data]\neval_batch_size = 24\n[eval]\nbatch_size = 5\n")
+    with pytest.warns(ConfigDeprecationWarning, match="eval.batch_size = 5 .* is used"):
+        assert load_config(both).eval.batch_size == 5  # the current key wins
+    with pytest.warns(ConfigDeprecationWarning, match="override 'data.eval_batch_size=7'"):
+        assert load_config(None, ["data.eval_batch_size=7"]).eval.batch_size == 7
+    # A saved config (a run's config.toml, an exported model's dict) of the older version still loads.
+    saved = config_to_dict(Config())
+    saved["data"]["eval_batch_size"] = 16
+    del saved["eval"]["batch_size"]
+    with pytest.warns(ConfigDeprecationWarning, match="model.pt"):
+        assert config_from_dict(saved, source="model.pt").eval.batch_size == 16
+
+
+def test_modes_are_parsed_when_the_config_is_read():
+    cfg = load_config(None, ["model.method=cam", "train.precision=bf16", "data.loader=torch"])
+    assert cfg.model.method is Method.CAM and cfg.train.precision is Precision.BF16
+    assert cfg.data.loader is LoaderKind.TORCH and cfg.model.prior is Prior.RELU
+    assert config_to_dict(cfg)["model"]["method"].__class__ is str  # plain data again (pickles without calm-fast)
+    listed = load_config(None, ['eval.benchmarks=["wsol", "cue"]'])
+    assert listed.eval.benchmarks == [Benchmark.WSOL, Benchmark.CUE]
+    assert [type(b) for b in config_to_dict(listed)["eval"]["benchmarks"]] == [str, str]

@@ -17,7 +17,7 @@ def test_demo_runs_end_to_end_and_reports_an_honest_verdict(tmp_path):
     generate(data, name="SYNTH", seed=3, sizes={"train": 48, "val": 16, "test": 24}, image_size=64, workers=0)
     run = tmp_path / "run"
     command = [sys.executable, "-m", "calm_fast.cli", "demo", "--data", str(data), "--run", str(run),
-               "data.input_size=64", "data.resize_size=72", "data.batch_size=16", "data.eval_batch_size=24",
+               "data.input_size=64", "data.resize_size=72", "data.batch_size=16", "eval.batch_size=24",
                "data.workers=0", "train.max_steps=2", "train.max_minutes=2"]
     done = subprocess.run(command, cwd=os.getcwd(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

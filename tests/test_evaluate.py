@@ -478,6 +478,7 @@ def test_two_gloo_ranks_give_exactly_the_one_rank_result(experiment, monkeypatch
         np.testing.assert_array_equal(merged, reference[key], err_msg=key)
 
 
+@pytest.mark.slow  # `calm-fast eval` end to end (a process group, the report files)
 def test_baselines_through_the_command(experiment, monkeypatch):
     out = experiment / "baselines"
     code = _run_in_process(monkeypatch, ["eval", "--config", str(experiment / "config.toml"), "--baseline",
@@ -532,6 +533,7 @@ def test_ffcv_and_torch_loaders_feed_the_same_samples(split, data_root, tmp_path
     assert isinstance(build_eval_loader(default, split), torch.utils.data.DataLoader)
 
 
+@pytest.mark.slow  # `calm-fast eval` end to end
 def test_a_run_folder_is_evaluated_into_itself(experiment, monkeypatch):
     # experiment/ holds config.toml and model.pt as a training run leaves them
     code = _run_in_process(monkeypatch, ["eval", "--run", str(experiment), "--overlays", "0", "--no-per-class"])

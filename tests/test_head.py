@@ -276,3 +276,18 @@ def test_attribution_map_checks_labels_too(kind):
         head.attribution_map(s, a, torch.tensor([0, 7, 2]), kind)
     with pytest.raises(ValueError, match=r"labels must have shape \[B\]"):
         head.attribution_map(s, a, torch.tensor([0, 1]), kind)
+
+
+def test_the_kernels_implement_every_prior_and_the_backend_is_read_once(monkeypatch):
+    from calm_fast.kernels import calm_head  # kernels/ cannot import calm_fast.modes; its list must agree
+
+    assert set(calm_head.PRIORS) == set(Prior)
+    head.default_backend.cache_clear()
+    monkeypatch.setenv("CALM_FAST_HEAD_BACKEND", "torch")
+    assert head.default_backend() is head.Backend.TORCH
+    monkeypatch.setenv("CALM_FAST_HEAD_BACKEND", "bogus")  # read once per process: no longer looked at
+    assert head.default_backend() is head.Backend.TORCH
+    head.default_backend.cache_clear()
+    with pytest.raises(ValueError, match="CALM_FAST_HEAD_BACKEND='bogus'"):
+        head.default_backend()
+    head.default_backend.cache_clear()

@@ -17,6 +17,7 @@ from PIL import Image
 
 from calm_fast.data.metadata import MetadataError, read_split
 
+
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "calm_fast.cli"]
 TIMEOUT_S = 300
@@ -81,6 +82,7 @@ def test_non_utf8_metadata_names_the_line(clean_root, tmp_path):
         read_split(root / "metadata", "SYNTH", "test", clean_root / "SYNTH")
 
 
+@pytest.mark.slow  # calm-fast as a subprocess, end to end
 def test_repairs_show_in_the_convert_table_the_sidecar_and_results_json(repaired_root, tmp_path):
     from calm_fast.data import ffcv_convert
     from calm_fast.data.ffcv_loader import ffcv_available
@@ -116,6 +118,7 @@ def test_repairs_show_in_the_convert_table_the_sidecar_and_results_json(repaired
     assert "box_clipped_1px" in result.stdout  # under the printed results table
 
 
+@pytest.mark.slow  # calm-fast as a subprocess, end to end
 def test_the_torch_loader_names_a_truncated_image_in_one_line(repaired_root, tmp_path):
     config = tmp_path / "eval.toml"
     config.write_text(eval_config(tmp_path / "run", repaired_root, "torch"))

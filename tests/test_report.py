@@ -1,8 +1,7 @@
-"""calm_fast.report: atomic files, JSON without NaN, tables, plots and the overlay grid."""
+"""calm_fast.report: tables, plots, the per-class CSV and the overlay grid (atomic files: test_atomic.py)."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from calm_fast import atomic, report
+from calm_fast import report
 
 
 def _render(renderable) -> str:
@@ -33,41 +32,6 @@ def _leftovers(folder) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------- files
-
-
-def test_write_json_turns_numpy_and_nan_into_plain_json(tmp_path):
-    data = {"a": np.float64(1.5), "b": np.int64(3), "c": np.array([0.5, np.nan, np.inf]), "d": [np.bool_(True)],
-            "e": {1: float("nan")}, "f": None}
-    path = atomic.write_json(tmp_path / "r.json", data)
-    text = path.read_text()
-    assert "NaN" not in text and "Infinity" not in text
-    assert json.loads(text) == {"a": 1.5, "b": 3, "c": [0.5, None, None], "d": [True], "e": {"1": None}, "f": None}
-    assert _leftovers(tmp_path) == []
-    umask = os.umask(0)
-    os.umask(umask)
-    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would create it, not owner-only
-
-
-def test_atomic_write_keeps_the_old_file_when_the_replace_fails(tmp_path, monkeypatch):
-    target = tmp_path / "results.json"
-    target.write_text("old")
-
-    def broken_replace(src, dst):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(atomic.os, "replace", broken_replace)
-    with pytest.raises(OSError, match="disk full"):
-        atomic.write_json(target, {"new": 1})
-    assert target.read_text() == "old"
-    assert _leftovers(tmp_path) == []
-
-
-def test_save_npz_round_trip(tmp_path):
-    maps = np.random.default_rng(0).random((3, 7, 7)).astype(np.float32)
-    path = atomic.save_npz(tmp_path / "sub" / "maps.npz", maps=maps, indices=np.array([4, 1, 9]))
-    with np.load(path) as loaded:
-        np.testing.assert_array_equal(loaded["maps"], maps)
-        np.testing.assert_array_equal(loaded["indices"], [4, 1, 9])
 
 
 def test_per_class_csv(tmp_path):

@@ -13,16 +13,9 @@ from PIL import Image
 
 from calm_fast.data import synthetic
 from calm_fast.data.metadata import read_split
-from calm_fast.data.synthetic import (
-    CLASS_SLOTS,
-    PALETTE,
-    PART_NAMES,
-    VARIANTS,
-    SynthOptions,
-    class_table,
-    generate,
-    render_scene,
-)
+from calm_fast.data.scenes import CLASS_SLOTS, PALETTE, PART_NAMES, VARIANTS, SynthOptions, class_table, render_scene
+from calm_fast.data.scenes import _object_variants as object_variants
+from calm_fast.data.synthetic import generate
 
 SMALL = {"train": 16, "val": 8, "test": 12}
 
@@ -183,7 +176,7 @@ def test_object_colours_also_appear_outside_the_object():
     shared = 0
     found = 0
     for scene, label in zip(scenes(40, noise=0, num_classes=8), range(40)):
-        variants = synthetic._object_variants(class_table(8), label % 8)
+        variants = object_variants(class_table(8), label % 8)
         outside = scene.image[~scene.object_mask & ~scene.ignore_mask]
         for slot in CLASS_SLOTS:
             colour = np.array(PALETTE[variants[slot][1]], np.uint8)

@@ -43,7 +43,7 @@ def data_root(tmp_path_factory) -> Path:
 def overrides(data_root: Path, run_dir: Path, *extra: str) -> list[str]:
     return [f"data.root={data_root}", "data.dataset=SYNTH", f"run_dir={run_dir}",
             "model.backbone=tiny_resnet", "model.method=calm-em", "model.batch_norm=false",
-            "data.input_size=32", "data.resize_size=40", "data.batch_size=16", "data.eval_batch_size=8",
+            "data.input_size=32", "data.resize_size=40", "data.batch_size=16", "eval.batch_size=8",
             "data.workers=0", f"train.max_steps={STEPS}", "train.log_every=1", "train.checkpoint_every=2",
             "train.keep_last=2", "train.tensorboard=false", "train.progress=false", "train.val_every=1",
             "optim.lr=0.05", "optim.head_lr_multiplier=2", "optim.schedule=cosine", "optim.warmup_steps=2",

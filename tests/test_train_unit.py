@@ -1,24 +1,24 @@
-"""Pieces of the training loop that need no process group: DeepSpeed config, LR schedule, sampling,
-augmentation seeding, checkpoint folders, metric-log truncation and the watchdog."""
+"""Pieces of training that need no process group: DeepSpeed config, LR schedule, optimizer groups, global
+batches and their sampling, metric-log truncation, and validation's one loader (eval.batch_size)."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from calm_fast.atomic import atomic_torch_save
 from calm_fast.config import ConfigError, load_config
 from calm_fast.data.loaders import TrainBatches
 from calm_fast.data.sampling import global_batch_indices
-from calm_fast.models import weights
-from calm_fast.train import checkpoint as ckpt
+from calm_fast.data.synthetic import generate
+from calm_fast.distributed import World
+from calm_fast.evaluate import job
+from calm_fast.models import build_model
+from calm_fast.train import loop
 from calm_fast.train.log import truncate_metrics
 from calm_fast.train.optim import build_optimizer, deepspeed_config, lr_factor
 
@@ -203,35 +203,7 @@ def test_train_batches_request_this_ranks_samples_with_the_epoch():
     assert all(epochs == [3, 3] for epochs, _ in got)
 
 
-# -------------------------------------------------------------------------------------- checkpoints
-
-
-def test_checkpoint_listing_ignores_partial_saves(tmp_path):
-    root = weights.checkpoint_root(tmp_path)
-    for name in ["step_00000004", "step_00000012", ".tmp-step_00000016", "step_00000008", "notes"]:
-        (root / name).mkdir(parents=True)
-    (root / "step_00000020").write_text("a file, not a checkpoint")
-    assert [s for s, _ in weights.list_checkpoints(tmp_path)] == [4, 8, 12]
-    assert weights.latest_checkpoint(tmp_path) == root / "step_00000012"
-    ckpt._prune(tmp_path, keep_last=2)
-    assert [s for s, _ in weights.list_checkpoints(tmp_path)] == [8, 12]
-    assert weights.latest_checkpoint(tmp_path / "nothing") is None
-
-
-def test_rng_capture_and_restore_round_trip():
-    import random
-
-    state = ckpt.capture_rng()
-    expected = (random.random(), np.random.rand(), torch.rand(1).item())
-    ckpt.restore_rng(state)
-    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
-
-
-def test_atomic_torch_save_and_load_exported_rejects_foreign_files(tmp_path):
-    atomic_torch_save({"a": torch.ones(2)}, tmp_path / "x.pt")
-    assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]
-    with pytest.raises(ValueError, match="not a calm-fast exported model"):
-        weights.load_exported(tmp_path / "x.pt")
+# ---------------------------------------------------------------------------------------- metric log
 
 
 def test_truncate_metrics_keeps_records_up_to_the_checkpoint(tmp_path):
@@ -239,36 +211,6 @@ def test_truncate_metrics_keeps_records_up_to_the_checkpoint(tmp_path):
     path.write_text("".join(json.dumps({"step": s, "loss": s / 10}) + "\n" for s in range(1, 8)))
     truncate_metrics(path, 4)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
-
-
-# ---------------------------------------------------------------------------------------- watchdog
-
-
-def test_watchdog_stops_a_stuck_process_with_a_message():
-    script = textwrap.dedent("""
-        import time
-        from calm_fast.distributed import Watchdog
-        dog = Watchdog(timeout_s=0.5, rank=7, poll_s=0.05).start()
-        dog.beat("step 3")
-        time.sleep(30)
-    """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 3
-    assert "rank 7: no progress" in result.stderr and "after step 3" in result.stderr
-
-
-def test_watchdog_stays_quiet_while_beats_arrive():
-    script = textwrap.dedent("""
-        import time
-        from calm_fast.distributed import Watchdog
-        dog = Watchdog(timeout_s=1.0, rank=0, poll_s=0.02).start()
-        for _ in range(30):  # 1.5 s in all, never 1 s without a beat
-            dog.beat("step")
-            time.sleep(0.05)
-        dog.stop()
-    """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
 
 
 # ------------------------------------------------------------------------------------ SyncBatchNorm
@@ -352,3 +294,53 @@ def test_divergence_watch_refuses_non_finite_parameters():
         model[1].bias[0] = float("inf")
     with pytest.raises(TrainingDiverged, match="parameter is not finite after step 4"):
         watch.check_parameters(model, 4)
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    generate(root, name="SYNTH", seed=2, num_classes=3, sizes={"train": 8, "val": 7}, image_size=32, workers=1)
+    return root
+
+
+@pytest.mark.parametrize("localization", [True, False])
+def test_validation_reads_the_one_loader_built_with_eval_batch_size(synthetic_root, monkeypatch, localization):
+    cfg = load_config(None, [f"data.root={json.dumps(str(synthetic_root))}", "data.dataset=SYNTH", "data.loader=torch",
+                             "data.workers=0", "data.input_size=32", "data.resize_size=36", "data.batch_size=4",
+                             "model.backbone=tiny_resnet", "eval.batch_size=3",
+                             f"train.val_localization={json.dumps(localization)}"])
+    world = World(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"))
+    built = []
+    real_build = loop.build_eval_loader
+
+    def spy_build(cfg_, split, *args, **kwargs):
+        built.append((split.split, cfg_.eval.batch_size))
+        return real_build(cfg_, split, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "build_eval_loader", spy_build)
+    data = loop.build_run_data(cfg, world)
+    assert built == [("val", 3)]  # one validation loader, with eval.batch_size
+
+    def no_second_loader(*args, **kwargs):
+        raise AssertionError("validation built a loader of its own")
+
+    monkeypatch.setattr(job, "build_eval_loader", no_second_loader)
+    batch_sizes = []
+
+    class CountingLoader:
+        def __iter__(self):
+            for batch in data.val_loader:
+                batch_sizes.append(len(batch[1]))
+                yield batch
+
+    torch.manual_seed(0)
+    model = build_model("tiny_resnet", data.train_split.num_classes, "calm-em")
+    beats = []
+    result = loop.validate(SimpleNamespace(module=model), CountingLoader(), data.val_split, cfg, world, torch.float32,
+                           SimpleNamespace(beat=beats.append))
+    assert batch_sizes == [3, 3, 1] and result["num_images"] == 7
+    assert ("max_box_acc_v2" in result) == localization
+    assert len(beats) == 3  # the step watchdog hears every validation batch

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "calm_fast.cli"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -81,12 +82,14 @@ def exported(data_root, tmp_path_factory) -> Path:
 # ------------------------------------------------------------------------------------------------ train
 
 
+@pytest.mark.slow  # calm-fast as a subprocess, end to end
 def test_missing_data_is_one_line(data_root, tmp_path):
     result = run(CLI + ["train", *train_overrides(tmp_path / "nowhere", tmp_path / "run")], cwd=tmp_path)
     line = one_error_line(result, "train")
     assert str(tmp_path / "nowhere" / "metadata" / "SYNTH" / "train") in line and "not found" in line
 
 
+@pytest.mark.slow  # calm-fast as a subprocess, end to end
 def test_bad_metadata_names_file_and_line(data_root, tmp_path):
     import shutil
 
@@ -100,6 +103,7 @@ def test_bad_metadata_names_file_and_line(data_root, tmp_path):
     assert f"{labels}:7:" in line and "'seven'" in line
 
 
+@pytest.mark.slow  # calm-fast as a subprocess, end to end
 def test_an_unwritable_run_dir_is_one_line(data_root, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder\n")
@@ -108,6 +112,7 @@ def test_an_unwritable_run_dir_is_one_line(data_root, tmp_path):
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root may write anywhere")
+@pytest.mark.slow  # calm-fast as a subprocess, end to end
 def test_a_run_dir_without_permission_is_one_line(data_root, tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
@@ -116,6 +121,7 @@ def test_a_run_dir_without_permission_is_one_line(data_root, tmp_path):
     assert "Permission denied" in line and str(locked) in line
 
 
+@pytest.mark.slow  # calm-fast as a subprocess, end to end
 def test_debug_shows_the_traceback(data_root, tmp_path):
     for flags in (["--debug", "train"], ["train", "--debug"]):
         result = run(CLI + [*flags, *train_overrides(tmp_path / "nowhere", tmp_path / "run")], cwd=tmp_path)
@@ -138,6 +144,7 @@ def test_under_torchrun_each_rank_says_one_line(data_root, tmp_path):
 # ------------------------------------------------------------------------------------------------- eval
 
 
+@pytest.mark.slow  # calm-fast as a subprocess, end to end
 def test_weights_of_another_class_count_say_what_differs(exported, tmp_path):
     result = run(CLI + ["eval", "--checkpoint", str(exported), "data.num_classes=7", "--out", str(tmp_path / "o")],
                  cwd=tmp_path)
@@ -146,6 +153,7 @@ def test_weights_of_another_class_count_say_what_differs(exported, tmp_path):
     assert "class_head.weight (file [4, " in line and "model [7, " in line
 
 
+@pytest.mark.slow  # calm-fast as a subprocess, end to end
 def test_weights_of_another_model_say_what_differs(exported, tmp_path):
     result = run(CLI + ["eval", "--checkpoint", str(exported), "model.backbone=tiny_vgg", "--out", str(tmp_path / "o")],
                  cwd=tmp_path)
@@ -154,6 +162,7 @@ def test_weights_of_another_model_say_what_differs(exported, tmp_path):
     assert "missing keys (" in line and "unexpected keys (" in line
 
 
+@pytest.mark.slow  # calm-fast as a subprocess, end to end
 def test_a_file_that_is_not_a_checkpoint_is_one_line(tmp_path):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint at all")

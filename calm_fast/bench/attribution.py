@@ -26,7 +26,10 @@ import time
 from dataclasses import asdict, dataclass, replace
 
 import torch
+from rich.console import Console
+from rich.table import Table
 
+from calm_fast.atomic import write_json
 from calm_fast.evaluate.attribution.gradients import (
     GRADIENT_METHODS,
     GradientSettings,
@@ -38,10 +41,9 @@ from calm_fast.evaluate.attribution.model_fns import model_classifier, model_sco
 from calm_fast.evaluate.attribution.remove_classify import remove_and_classify
 from calm_fast.metrics.remove_classify import FRACTIONS, RemoveClassifyCounts
 from calm_fast.models import build_model
-from calm_fast.atomic import write_json
+from calm_fast.modes import Precision
 
 TARGETS = {"remove_classify_overhead": 0.2, "gradient_slowdown": 1.5}
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         default=["vanilla", "ig-reference", "integrated-gradients", "smoothgrad", "all"],
                         help="gradient methods timed one by one ('all': every method in one pass)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32", help="autocast of the model body")
+    parser.add_argument("--precision", choices=tuple(Precision), default=Precision.FP32,
+                        help="autocast of the model body (fp32: none)")
     parser.add_argument("--clock", choices=("auto", "wall", "cpu"), default="auto",
                         help="what a time is: wall clock, or this process's CPU time (auto: CPU time on a CPU "
                              "device, where other work on a shared machine inflates wall time; wall on a GPU)")
@@ -167,9 +170,6 @@ def bench_gradients(model, preset: Preset, images, labels, device, autocast_dtyp
 
 
 def main(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
     preset = PRESETS[args.preset]
     preset = replace(preset, **{key: value for key, value in (("method", args.method), ("images", args.images),
                                                               ("max_batch", args.max_batch),
@@ -177,7 +177,7 @@ def main(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    autocast_dtype = PRECISIONS[args.precision]
+    autocast_dtype = None if args.precision == Precision.FP32 else Precision(args.precision).dtype
     torch.manual_seed(args.seed)
     model = build_model(preset.backbone, preset.classes, preset.method,
                         large_feature_map=preset.large_feature_map).to(device).eval()

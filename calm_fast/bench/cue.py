@@ -21,7 +21,9 @@ import time
 from pathlib import Path
 
 import torch
+from rich.console import Console
 
+from calm_fast.atomic import write_json
 from calm_fast.data.cue_truth import SyntheticCueTruth
 from calm_fast.data.metadata import read_split
 from calm_fast.data.synthetic import generate
@@ -61,10 +63,6 @@ def _split(args: argparse.Namespace):
 
 
 def main(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    from calm_fast.atomic import write_json
-
     if args.repeats < 1 or args.images < 1:
         raise SystemExit("bench cue: --repeats and --images must be >= 1")
     console = Console() if sys.stdout.isatty() else Console(width=150)

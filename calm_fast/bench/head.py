@@ -42,12 +42,11 @@ import torch
 from calm_fast import head
 from calm_fast.atomic import write_json
 from calm_fast.bench.head_checks import merge_maps, run_checks
-from calm_fast.modes import Prior
+from calm_fast.modes import Precision, Prior
 
 PAPER_SHAPES = ("64x200x28x28", "64x1000x28x28", "256x200x28x28", "256x1000x28x28")
 SMOKE_SHAPES = ("2x10x3x5",)
 LAYOUTS = ("contiguous", "channels_last")
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # Peak DRAM bandwidth in GB/s of cards by name (vendor data sheets); --peak-gbs overrides.
 PEAK_BANDWIDTH_GBS = {
     "H200": 4800.0,
@@ -94,7 +93,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"benchmark shapes (default: {' '.join(PAPER_SHAPES)} on GPU, "
                              f"{' '.join(SMOKE_SHAPES)} on cpu)")
     parser.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS), help="memory layouts of S")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16", help="input dtype of S and a")
+    parser.add_argument("--dtype", choices=tuple(Precision), default=Precision.BF16,
+                        help="input precision of S and a (as train.precision names it)")
     parser.add_argument("--prior", choices=tuple(Prior), default=Prior.RELU)
     parser.add_argument("--objective", choices=("em", "ml"), default="em", help="the loss timed fwd+bwd")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -225,7 +225,7 @@ def _grad_step(loss_fn, inputs, mark_step: bool = False):
 
 def _steps(shape: Shape, layout: str, args, device: torch.device) -> tuple[dict, torch.Tensor]:
     """{path: a fwd+bwd step} for one shape and layout, and S (for its size)."""
-    dtype = DTYPES[args.dtype]
+    dtype = Precision(args.dtype).dtype
     g = torch.Generator(device=device).manual_seed(0)
     s = torch.randn(shape.batch, shape.classes, shape.height, shape.width, generator=g, device=device, dtype=dtype)
     a = torch.randn(shape.batch, 1, shape.height, shape.width, generator=g, device=device, dtype=dtype)

@@ -22,6 +22,17 @@ import statistics
 import time
 from pathlib import Path
 
+from rich.console import Console
+from rich.table import Table
+
+from calm_fast.atomic import write_json
+from calm_fast.data.ffcv_convert import ConvertOptions, ensure_beton
+from calm_fast.data.ffcv_loader import build_ffcv_loader
+from calm_fast.data.metadata import default_image_root, default_metadata_root, read_split
+from calm_fast.data.synthetic import generate
+from calm_fast.data.torch_loader import build_torch_loader
+from calm_fast.distributed import usable_cores
+
 TARGET_RATIO = 3.0
 
 
@@ -46,14 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _prepare_split(args: argparse.Namespace):
     """The WSOLSplit to read: the given dataset, or a synthetic one generated (once) under --work-dir."""
-    from calm_fast.data.metadata import default_image_root, default_metadata_root, read_split
-
     if args.data_root:
         image_root = args.image_root or default_image_root(args.data_root, args.dataset, args.split)
         return read_split(default_metadata_root(args.data_root), args.dataset, args.split, image_root)
-    from calm_fast.distributed import usable_cores
-    from calm_fast.data.synthetic import generate
-
     name = f"BENCH{args.image_size}"
     root = Path(args.work_dir)
     metadata = root / "metadata" / name / "train"
@@ -75,9 +81,6 @@ def _images_per_second(loader) -> float:
 
 
 def _bench_mode(split, beton: Path, train: bool, args, workers: int) -> dict:
-    from calm_fast.data.ffcv_loader import build_ffcv_loader
-    from calm_fast.data.torch_loader import build_torch_loader
-
     common = dict(train=train, input_size=args.input_size, resize_size=args.resize_size,
                   batch_size=args.batch_size, num_workers=workers)
     loaders = {
@@ -101,13 +104,6 @@ def _bench_mode(split, beton: Path, train: bool, args, workers: int) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    from calm_fast.atomic import write_json
-    from calm_fast.data.ffcv_convert import ConvertOptions, ensure_beton
-    from calm_fast.distributed import usable_cores
-
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes or any(m not in ("train", "eval") for m in modes):
         raise SystemExit(f"--modes: expected train and/or eval, got {args.modes!r}")

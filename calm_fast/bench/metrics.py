@@ -28,7 +28,10 @@ import time
 import cv2
 import numba
 import numpy as np
+from rich.console import Console
+from rich.table import Table
 
+from calm_fast.atomic import write_json
 from calm_fast.metrics import PixelAP, best_box_iou, normalize_scoremaps
 from calm_fast.metrics.opencv_reference import reference_best_box_iou, reference_pxap
 
@@ -185,11 +188,6 @@ def _human(seconds: float) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    from calm_fast.atomic import write_json
-
     if args.maps < 1 or args.repeats < 1:
         raise SystemExit("bench metrics: --maps and --repeats must be >= 1")
     all_threads = numba.config.NUMBA_NUM_THREADS

@@ -26,7 +26,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+from rich.console import Console
+from rich.table import Table
+
+from calm_fast.atomic import write_json
 from calm_fast.bench import train_heads as bench_heads
+from calm_fast.config import load_config
+from calm_fast.data.synthetic import generate
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     bench_heads.add_arguments(parser)
     parser.add_argument("--config", "-c", default="configs/synthetic.toml", help="experiment config to train")
     parser.add_argument("--data", default="runs/bench/data", help="data root (a synthetic set is made if absent)")
+    parser.add_argument("--images", type=int, default=2048,
+                        help="training images of the synthetic set made when --data has none (default: 2048)")
     parser.add_argument("--ranks", nargs="+", type=int, default=[1, 2], help="rank counts to compare")
     parser.add_argument("--steps", type=int, default=None,
                         help="optimizer steps per setting (ranks: default 60; heads: 20 on GPU, 4 on CPU)")
@@ -44,12 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="write the results as JSON to this file")
 
 
-def _ensure_data(root: Path, dataset: str) -> None:
+def _ensure_data(root: Path, dataset: str, images: int) -> None:
     if (root / "metadata" / dataset / "synthetic.json").exists():
         return
-    from calm_fast.data.synthetic import generate
-
-    generate(root, name=dataset, sizes={"train": 2048, "val": 64, "test": 64})
+    generate(root, name=dataset, sizes={"train": images, "val": min(64, images), "test": min(64, images)})
 
 
 def _train_once(args, ranks: int, work: Path) -> float:
@@ -74,13 +80,8 @@ def main(args: argparse.Namespace) -> int:
     if args.compare == "heads":
         return bench_heads.main(args)
     args.steps, args.repeats = args.steps or 60, args.repeats or 1
-    from rich.console import Console
-    from rich.table import Table
-
-    from calm_fast.config import load_config
-
     cfg = load_config(args.config, args.overrides)
-    _ensure_data(Path(args.data), cfg.data.dataset)
+    _ensure_data(Path(args.data), cfg.data.dataset, args.images)
     results = {}
     with tempfile.TemporaryDirectory(prefix="calm-fast-bench-train-") as tmp:
         for ranks in args.ranks:
@@ -97,8 +98,6 @@ def main(args: argparse.Namespace) -> int:
                       f"{entry['ratio']:.2f}")
     Console().print(table)
     if args.out:
-        from calm_fast.atomic import write_json
-
         write_json(args.out, {"backbone": cfg.model.backbone, "input_size": cfg.data.input_size,
                               "precision": cfg.train.precision, "global_batch": cfg.data.batch_size,
                               "steps": args.steps, "cpu_count": os.cpu_count(),

@@ -25,6 +25,8 @@ import statistics
 import time
 
 import torch
+from rich.console import Console
+from rich.table import Table
 
 from calm_fast import head
 from calm_fast.atomic import write_json
@@ -132,9 +134,6 @@ def _time_preset(variants, backbone, pixels, batch, args, device) -> list[dict]:
 
 
 def main(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
     choice = args.heads_device
     device = torch.device("cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu")
     if device.type == "cuda" and not torch.cuda.is_available():

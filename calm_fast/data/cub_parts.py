@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from calm_fast.data.cue_truth import CUE_SIZE, EVALUATED_GROUPS, NO_PART, CuePairs, build_pairs
 from calm_fast.data.metadata import MetadataError, WSOLSplit
@@ -195,8 +196,6 @@ def voronoi_labels(points: np.ndarray, labels: np.ndarray, size: int = CUE_SIZE)
 
 def read_segmentation(path: Path, size: int = CUE_SIZE) -> np.ndarray:
     """bool [size, size]: the segmentation PNG as grayscale, resized with PIL's bicubic filter, > 0."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as image:
             resized = image.convert("L").resize((size, size), Image.Resampling.BICUBIC)

@@ -64,6 +64,7 @@ __all__ = [
     "ConvertOptions",
     "ConversionError",
     "ConversionSummary",
+    "beton_matches",
     "beton_path_for",
     "convert_split",
     "ensure_beton",
@@ -154,7 +155,8 @@ class _SplitImages:
         if self.abort.is_set():
             return self._PLACEHOLDER, label, i
         try:
-            pixels, repairs, size = load_for_storage(self.paths[i], self.options.max_resolution, self.options.allow_truncated)
+            pixels, repairs, size = load_for_storage(self.paths[i], self.options.max_resolution,
+                                                     self.options.allow_truncated)
             self.split.check_image_size(i, size)
         except Exception as error:  # any failure must reach the main process, not kill the worker
             message = str(error) if isinstance(error, (ImageProblem, MetadataError)) else \
@@ -202,9 +204,9 @@ def _page_size(split: WSOLSplit, options: ConvertOptions) -> int:
     return max(1 << 22, 1 << math.ceil(math.log2(4 * largest_sample)))
 
 
-def beton_path_for(out_dir: str | Path, dataset: str, split: str, proxy: bool = False) -> Path:
-    """``<out_dir>/<dataset>_<split>[_proxy].beton`` (the default out_dir is ``<data_root>/ffcv``)."""
-    return Path(out_dir) / f"{dataset}_{split}{'_proxy' if proxy else ''}.beton"
+def beton_path_for(out_dir: str | Path, dataset: str, split: str) -> Path:
+    """``<out_dir>/<dataset>_<split>.beton`` (the default out_dir is ``<data_root>/ffcv``)."""
+    return Path(out_dir) / f"{dataset}_{split}.beton"
 
 
 def sidecar_path(beton_path: str | Path) -> Path:
@@ -246,9 +248,9 @@ def convert_split(
 ) -> ConversionSummary:
     """Write ``split`` to ``beton_path`` (fields ``image``, ``label``, ``index``) and its JSON sidecar.
 
-    Images are read and repaired by :func:`~calm_fast.data.images.load_for_storage` in ``num_workers`` processes (default: the
-    usable cores); FFCV shows a progress bar. Raises :class:`ConversionError` naming the first bad file;
-    then, as after an interruption, no .beton is left at ``beton_path``.
+    Images are read and repaired by :func:`~calm_fast.data.images.load_for_storage` in ``num_workers``
+    processes (default: the usable cores); FFCV shows a progress bar. Raises :class:`ConversionError`
+    naming the first bad file; then, as after an interruption, no .beton is left at ``beton_path``.
     """
     # FFCV is imported on use: it takes seconds to import, and calm-fast runs without it (torch loader).
     from ffcv.fields import IntField, RGBImageField
@@ -318,16 +320,23 @@ def convert_split(
                              metadata_repairs=dict(split.repairs))
 
 
+def _converted_from(info: dict | None, split: WSOLSplit) -> bool:
+    """The sidecar `info` was written by this version for the split's current metadata."""
+    return info is not None and info.get("format") == SIDECAR_FORMAT and info.get("fingerprint") == _fingerprint(split)
+
+
+def beton_matches(split: WSOLSplit, beton_path: str | Path) -> bool:
+    """True when ``beton_path`` and its sidecar exist and it was converted from the split's current
+    metadata, with any storage options (the loaders read them all): the test for loading it."""
+    return Path(beton_path).is_file() and _converted_from(read_beton_info(beton_path), split)
+
+
 def is_up_to_date(split: WSOLSplit, beton_path: str | Path, options: ConvertOptions) -> bool:
-    """True when ``beton_path`` and its sidecar exist and match the split's metadata and the options."""
+    """True when ``beton_path`` matches the split (`beton_matches`) and was stored with ``options``: the
+    test for converting it again."""
     info = read_beton_info(beton_path)
-    return (
-        Path(beton_path).is_file()
-        and info is not None
-        and info.get("format") == SIDECAR_FORMAT
-        and info.get("fingerprint") == _fingerprint(split)
-        and info.get("options") == dataclasses.asdict(options)
-    )
+    return (Path(beton_path).is_file() and _converted_from(info, split)
+            and info.get("options") == dataclasses.asdict(options))
 
 
 def ensure_beton(
@@ -335,14 +344,13 @@ def ensure_beton(
     out_dir: str | Path,
     options: ConvertOptions = ConvertOptions(),
     num_workers: int | None = None,
-    proxy: bool = False,
 ) -> ConversionSummary:
     """Convert ``split`` into ``beton_path_for(out_dir, ...)`` unless an up-to-date file is already there.
 
     With several processes, call it on one of them (e.g. local rank 0) and wait for it on the others:
     concurrent conversions of the same split are safe (the last one to finish wins) but wasteful.
     """
-    beton_path = beton_path_for(out_dir, split.dataset, split.split, proxy)
+    beton_path = beton_path_for(out_dir, split.dataset, split.split)
     _remove_stale_partials(beton_path)  # what a killed conversion left, even when there is nothing to convert
     if is_up_to_date(split, beton_path, options):
         info = read_beton_info(beton_path)
@@ -360,7 +368,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metadata-root", help="default: <data-root>/metadata")
     parser.add_argument("--image-root",
                         help="image root of the split (only with a single --split; default per DATA.md)")
-    parser.add_argument("--proxy", action="store_true", help="convert image_ids_proxy.txt (ILSVRC train subset)")
     parser.add_argument("--out-dir", help="where the .beton files go (default: <data-root>/ffcv)")
     parser.add_argument("--max-resolution", type=int, default=512,
                         help="longest stored image side; 0 keeps originals (default: 512)")
@@ -394,13 +401,12 @@ def main(args: argparse.Namespace) -> int:
         summaries = []
         for split_name in splits:
             image_root = args.image_root or default_image_root(args.data_root, args.dataset, split_name)
-            split = read_split(metadata_root, args.dataset, split_name, image_root, proxy=args.proxy)
+            split = read_split(metadata_root, args.dataset, split_name, image_root)
             console.print(f"{args.dataset}/{split_name}: {len(split)} images from {image_root}")
             if args.force:
-                summary = convert_split(split, beton_path_for(out_dir, args.dataset, split_name, args.proxy),
-                                        options, args.workers)
+                summary = convert_split(split, beton_path_for(out_dir, args.dataset, split_name), options, args.workers)
             else:
-                summary = ensure_beton(split, out_dir, options, args.workers, proxy=args.proxy)
+                summary = ensure_beton(split, out_dir, options, args.workers)
             summaries.append((split_name, summary))
     except (MetadataError, ConversionError, ValueError) as error:
         console.print(f"[red]error:[/red] {error}")

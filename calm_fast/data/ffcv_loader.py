@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from calm_fast.data.torch_loader import IMAGENET_MEAN, IMAGENET_STD  # one normalisation for both loaders
-from calm_fast.modes import DecoderMode, Recipe, choices
+from calm_fast.modes import DecoderMode
 
 __all__ = ["FFCVLoader", "build_ffcv_loader", "ffcv_available"]
 
@@ -38,10 +38,9 @@ class FFCVLoader:
     ``batches_ahead + 2`` buffers: clone what you keep longer than that.
     """
 
-    def __init__(self, loader, order, num_samples: int):
+    def __init__(self, loader, order):
         self._loader = loader
         self._order = order
-        self.num_samples = num_samples  # samples this rank visits per epoch (after padding / drop_last)
 
     def __len__(self) -> int:
         """Batches in a full epoch of this rank (also when the next epoch skips some)."""
@@ -59,11 +58,6 @@ class FFCVLoader:
                 yield batch
         finally:
             epoch_iterator.close()  # stops FFCV's loading thread when the consumer leaves early
-
-    @property
-    def epoch(self) -> int:
-        """The epoch the next ``iter()`` runs (its order is drawn from ``(seed, epoch)``)."""
-        return self._loader.next_epoch
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         """Make the next ``iter()`` run ``epoch``, starting after its first ``skip_batches`` batches (resuming)."""
@@ -99,25 +93,23 @@ def build_ffcv_loader(
     seed: int = 0,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
-    recipe: str = "reference",
     drop_last: bool | None = None,
     channels_last: bool = True,
     batches_ahead: int = 3,
 ) -> FFCVLoader:
     """An FFCV loader over a converted split, yielding the same triple as the torch loader.
 
-    Training (``train=True``): ``recipe="reference"`` resizes the whole image to ``resize_size``²
-    (aspect not kept), takes a random ``input_size``² crop and flips half the images (CALM.md §3);
-    ``recipe="rrc"`` is RandomResizedCrop as torchvision defines it (area 8–100 %, aspect 3/4–4/3)
-    to ``input_size``², plus the flip. Each epoch visits a permutation of all samples drawn from
-    ``(seed, epoch)``; rank ``r`` of ``world_size`` takes every ``world_size``-th sample of it, padded
-    by repeating samples so all ranks have ``ceil(N / world_size)`` samples (the same number of
-    steps); ``drop_last`` (default True) drops a final partial batch. ``FFCVLoader.set_epoch`` picks
+    Training (``train=True``): the reference recipe (CALM.md §3): the whole image resized to
+    ``resize_size``² (aspect not kept), a random ``input_size``² crop, half the images flipped. Each
+    epoch visits a permutation of all samples drawn from ``(seed, epoch)``; rank ``r`` of ``world_size``
+    takes every ``world_size``-th sample of it, padded by repeating samples so all ranks have
+    ``ceil(N / world_size)`` samples (the same number of steps); ``drop_last`` (default True) drops a
+    final partial batch. ``FFCVLoader.set_epoch`` picks
     the epoch and can skip its first batches when resuming.
     Evaluation (``train=False``): the whole image resized to ``input_size``², in index order; rank
     ``r`` takes samples ``r, r + world_size, ...``: every sample exactly once across ranks, no padding;
-    ``drop_last=True`` is refused. ``resize_size`` and ``recipe`` are ignored.
-    Sample orders and shards are those of ``calm_fast.data.torch_loader.ShardSampler`` for the same
+    ``drop_last=True`` is refused; ``resize_size`` is ignored.
+    Sample orders and shards are those of ``calm_fast.data.sampling.ShardSampler`` for the same
     seed and epoch; crops and flips are drawn independently (FFCV does not seed them).
 
     ``num_workers`` is FFCV's thread count (numba and, as a side effect of FFCV, torch's intra-op
@@ -135,8 +127,7 @@ def build_ffcv_loader(
     beton_path = Path(beton_path)
     if not beton_path.is_file():
         raise FileNotFoundError(f"{beton_path}: no such .beton (run `calm-fast convert` first)")
-    _check_loader_arguments(train, input_size, resize_size, batch_size, num_workers, rank, world_size, recipe,
-                            batches_ahead)
+    _check_loader_arguments(train, input_size, resize_size, batch_size, num_workers, rank, world_size, batches_ahead)
     device = torch.device(device)
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be a CPU or CUDA device, got {device}")
@@ -148,7 +139,7 @@ def build_ffcv_loader(
     _check_fields(beton_path)
     num_workers = _cap_threads(num_workers)
 
-    mode = DecoderMode(recipe) if train else DecoderMode.EVAL
+    mode = DecoderMode.REFERENCE if train else DecoderMode.EVAL
     mean = np.array(IMAGENET_MEAN) * 255
     std = np.array(IMAGENET_STD) * 255
     if device.type == "cuda":
@@ -181,7 +172,7 @@ def build_ffcv_loader(
             batches_ahead=batches_ahead,
             pipelines={"image": image_pipeline, "label": label_pipeline, "index": index_pipeline},
         )
-    return FFCVLoader(loader, order, len(loader.first_traversal_order))
+    return FFCVLoader(loader, order)
 
 
 def _check_fields(beton_path: Path) -> None:
@@ -196,13 +187,11 @@ def _check_fields(beton_path: Path) -> None:
                          f"(write it with `calm-fast convert`)")
 
 
-def _check_loader_arguments(train, input_size, resize_size, batch_size, num_workers, rank, world_size, recipe,
+def _check_loader_arguments(train, input_size, resize_size, batch_size, num_workers, rank, world_size,
                             batches_ahead) -> None:
     if input_size < 1:
         raise ValueError(f"input_size must be >= 1, got {input_size}")
-    if train and recipe not in tuple(Recipe):
-        raise ValueError(f"recipe must be one of {choices(Recipe)}, got {recipe!r}")
-    if train and recipe == "reference" and resize_size < input_size:
+    if train and resize_size < input_size:
         raise ValueError(f"resize_size ({resize_size}) must be >= input_size ({input_size}) for the reference recipe")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

@@ -26,14 +26,11 @@ __all__ = ["WSOLImageDecoder", "NormalizeOnDevice", "ShardedOrder"]
 
 
 class WSOLImageDecoder(SimpleRGBImageDecoder):
-    """Decode an ``RGBImageField`` into ``[B, S, S, 3]`` RGB images (S = ``output_size``), one of three ways.
+    """Decode an ``RGBImageField`` into ``[B, S, S, 3]`` RGB images (S = ``output_size``), one of two ways.
 
     ``"eval"``: the whole image resized straight to S², aspect not kept, as the WSOL metrics assume.
     ``"reference"``: the whole image resized to ``resize_size``² (aspect not kept), a uniformly random S²
     crop of it, mirrored left-right with probability 1/2 (the reference recipe of CALM.md §3).
-    ``"rrc"``: RandomResizedCrop as torchvision defines it (area fraction in ``scale``, log-uniform
-    aspect in ``ratio``, 10 tries, else the central crop clamped to ``ratio``) resized to S², mirrored
-    with probability 1/2.
     Resizing is OpenCV's INTER_AREA through FFCV's native library, called via ctypes directly: FFCV's
     own decoders wrap it in fresh numba dispatchers per loader, which numba then fails to free cleanly
     ("Exception ignored ... KeyError"). It subclasses FFCV's simple decoder only because FFCV recognises
@@ -48,8 +45,7 @@ class WSOLImageDecoder(SimpleRGBImageDecoder):
     reproducible from run to run (the sample order is).
     """
 
-    def __init__(self, mode: str, output_size: int, resize_size: int | None = None,
-                 scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    def __init__(self, mode: DecoderMode | str, output_size: int, resize_size: int | None = None,
                  mean: np.ndarray | None = None, std: np.ndarray | None = None):
         super().__init__()
         if (mean is None) != (std is None):
@@ -58,11 +54,9 @@ class WSOLImageDecoder(SimpleRGBImageDecoder):
             raise ValueError(f"mode must be one of {choices(DecoderMode)}, got {mode!r}")
         if mode == "reference" and (resize_size is None or resize_size < output_size):
             raise ValueError(f"resize_size ({resize_size}) must be >= output_size ({output_size})")
-        self.mode = mode
+        self.mode = DecoderMode(mode)
         self.output_size = int(output_size)
         self.resize_size = int(resize_size) if mode == "reference" else self.output_size
-        self.scale = (float(scale[0]), float(scale[1]))
-        self.ratio = (float(ratio[0]), float(ratio[1]))
         self.normalize = mean is not None
         self.mean = np.zeros(3, np.float32) if mean is None else np.asarray(mean, np.float32).reshape(3)
         self.inverse_std = np.ones(3, np.float32) if std is None else 1 / np.asarray(std, np.float32).reshape(3)
@@ -86,11 +80,8 @@ class WSOLImageDecoder(SimpleRGBImageDecoder):
         parallel_range = Compiler.get_iterator()
         decode_jpeg, resize = ctypes_imdecode, ctypes_resize
         jpeg_mode = IMAGE_MODES["jpg"]
-        evaluation, rrc = self.mode == "eval", self.mode == "rrc"
+        evaluation = self.mode == DecoderMode.EVAL
         size, resize_size = self.output_size, self.resize_size
-        scale_low, scale_high = self.scale
-        log_ratio_low, log_ratio_high = np.log(self.ratio[0]), np.log(self.ratio[1])
-        ratio_low, ratio_high = self.ratio
         normalize = self.normalize
         # Per-channel constants tiled along an image row, so the unflipped copy is one flat vector loop.
         row_mean = np.tile(self.mean, size)
@@ -114,31 +105,10 @@ class WSOLImageDecoder(SimpleRGBImageDecoder):
                 else:
                     image = data.reshape(height, width, 3)
 
-                # The source window to resize: the whole image, or a RandomResizedCrop window.
-                top, left, rows, cols = 0, 0, height, width
-                if rrc:
-                    found = False
-                    for _ in range(10):
-                        area = height * width * np.random.uniform(scale_low, scale_high)
-                        aspect = np.exp(np.random.uniform(log_ratio_low, log_ratio_high))
-                        cols = int(round(np.sqrt(area * aspect)))
-                        rows = int(round(np.sqrt(area / aspect)))
-                        if 0 < cols <= width and 0 < rows <= height:
-                            top = np.random.randint(0, height - rows + 1)
-                            left = np.random.randint(0, width - cols + 1)
-                            found = True
-                            break
-                    if not found:
-                        rows, cols = height, width
-                        if width / height < ratio_low:
-                            rows = int(round(width / ratio_low))
-                        elif width / height > ratio_high:
-                            cols = int(round(height * ratio_high))
-                        top, left = (height - rows) // 2, (width - cols) // 2
-
+                # The whole image, resized:
                 # resize(0, source, its rows and columns, row range, column range, target, its size)
                 target = square[k]
-                resize(0, image.ctypes.data, height, width, top, top + rows, left, left + cols,
+                resize(0, image.ctypes.data, height, width, 0, height, 0, width,
                        target.ctypes.data, resize_size, resize_size)
                 y, x, flip = 0, 0, False
                 if not evaluation:

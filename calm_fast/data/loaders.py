@@ -1,24 +1,94 @@
-"""The one place that decides, for any split, whether it is read by FFCV (its .beton from `calm-fast
-convert`) or by the plain torch loader (data.loader for training, data.eval_loader for evaluation and
-validation), and that builds the loader: `build_eval_loader` (every sample exactly once across ranks) and
-`build_loaders` (training's batches: global batches cut into each rank's micro-batches, see
-`calm_fast.data.sampling`).
+"""The one place that decides whether a split is read by FFCV (its .beton from `calm-fast convert`) or
+by the plain torch loader, for training (data.loader) and evaluation and validation (data.eval_loader)
+by one rule (`choose_loader`), and that builds the loaders: `build_eval_loader` (every sample exactly
+once across ranks, eval.batch_size per batch) and `build_train_batches` (global batches cut into each
+rank's micro-batches, see `calm_fast.data.sampling`).
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from calm_fast.config import Config, ConfigError
 from calm_fast.data import torch_loader
-from calm_fast.data.ffcv_convert import ConvertOptions, beton_path_for, is_up_to_date, read_beton_info
-from calm_fast.data.ffcv_loader import build_ffcv_loader, ffcv_available
+from calm_fast.data.ffcv_convert import beton_matches, beton_path_for, read_beton_info
+from calm_fast.data.ffcv_loader import FFCVLoader, build_ffcv_loader, ffcv_available
+from calm_fast.data.metadata import WSOLSplit
 from calm_fast.data.sampling import global_batch_indices
 from calm_fast.distributed import World
-from calm_fast.modes import Precision
+from calm_fast.modes import LoaderKind, Precision, parse
+
+
+LOADER_KEYS = ("data.loader", "data.eval_loader")  # training's setting, evaluation's and validation's
+
+
+def choose_loader(cfg: Config, split: WSOLSplit, key: str = "data.loader") -> tuple[LoaderKind, Path]:
+    """(LoaderKind.FFCV or LoaderKind.TORCH, the split's .beton path) for this split under the setting
+    `key` (data.loader for training, data.eval_loader for evaluation and validation).
+
+    "torch" never reads a .beton (data.eval_loader's default: the original files, as the reference).
+    "auto" takes FFCV when it imports and the split's .beton was converted from the split's current
+    metadata (`beton_matches`: its sidecar's fingerprint), else the torch loader, which reads the original
+    image files with the same transforms. "ffcv" insists: a missing FFCV, a missing .beton or one
+    converted from other metadata is an error that says what to do.
+    """
+    if key not in LOADER_KEYS:
+        raise ValueError(f"key={key!r}: expected one of {', '.join(LOADER_KEYS)}")
+    kind = parse(LoaderKind, getattr(cfg.data, key.split(".")[1]), key)
+    beton = beton_path_for(cfg.data.beton_dir or Path(cfg.data.root) / "ffcv", split.dataset, split.split)
+    if kind == LoaderKind.TORCH:
+        return LoaderKind.TORCH, beton
+    if kind == LoaderKind.AUTO:
+        return (LoaderKind.FFCV if ffcv_available() and beton_matches(split, beton) else LoaderKind.TORCH), beton
+    if not ffcv_available():
+        raise ConfigError(f"{key}='ffcv' but FFCV does not import (pip install ffcv; it needs libturbojpeg "
+                          "and OpenCV)")
+    if not beton.is_file():
+        raise FileNotFoundError(f"{key}='ffcv' but {beton} does not exist: run `calm-fast convert` first")
+    if not beton_matches(split, beton):
+        raise FileNotFoundError(f"{beton} does not match {split.metadata_dir} (converted from other metadata, "
+                                "or its sidecar is missing): run `calm-fast convert` again")
+    return LoaderKind.FFCV, beton
+
+
+def build_eval_loader(cfg: Config, split: WSOLSplit, rank: int = 0, world_size: int = 1,
+                      device: torch.device | str = "cpu") -> FFCVLoader | torch.utils.data.DataLoader:
+    """The evaluation loader of `split` for this rank (FFCV or torch by data.eval_loader, see
+    `choose_loader`): images resized straight to input_size², ImageNet mean/std; rank r takes samples r,
+    r+W, ... (each exactly once, no padding); yields (images, labels, indices) with eval.batch_size images
+    per batch. FFCV's stored images (JPEG q90, at most 512 px) resized with INTER_AREA are not the
+    reference's pixels: faster, but other numbers."""
+    data = cfg.data
+    kind, beton = choose_loader(cfg, split, "data.eval_loader")
+    if kind == LoaderKind.FFCV:
+        return build_ffcv_loader(beton, train=False, input_size=data.input_size, batch_size=cfg.eval.batch_size,
+                                 num_workers=max(1, data.workers), rank=rank, world_size=world_size,
+                                 seed=cfg.train.seed, device=device)
+    return torch_loader.build_torch_loader(split, train=False, input_size=data.input_size,
+                                           resize_size=data.resize_size, batch_size=cfg.eval.batch_size,
+                                           num_workers=data.workers, rank=rank, world_size=world_size,
+                                           seed=cfg.train.seed, drop_last=False,
+                                           pin_memory=torch.device(device).type == "cuda")
+
+
+def build_train_batches(cfg: Config, world: World, train_split: WSOLSplit) -> TrainBatches | FFCVTrainBatches:
+    """This rank's training batches, FFCV or torch by data.loader (`choose_loader`). The torch path samples
+    with our global-batch order (rank-invariant and bitwise resumable); FFCV reads its .beton."""
+    data = cfg.data
+    kind, beton = choose_loader(cfg, train_split, "data.loader")
+    if kind == LoaderKind.FFCV:
+        micro = data.batch_size // (world.world_size * cfg.train.grad_accum)
+        dtype = Precision(cfg.train.precision).dtype if world.device.type == "cuda" else torch.float32
+        loader = build_ffcv_loader(beton, train=True, input_size=data.input_size, resize_size=data.resize_size,
+                                   batch_size=micro, num_workers=max(1, data.workers), rank=world.rank,
+                                   world_size=world.world_size, seed=cfg.train.seed, device=world.device,
+                                   dtype=dtype, drop_last=True)
+        return FFCVTrainBatches(loader, cfg, len(train_split))
+    train_dataset = torch_loader.WSOLDataset(train_split, train=True, input_size=data.input_size,
+                                             resize_size=data.resize_size, seed=cfg.train.seed)
+    return TrainBatches(train_dataset, cfg, world)
 
 
 def steps_per_epoch(num_samples: int, cfg: Config) -> int:
@@ -33,7 +103,7 @@ def steps_per_epoch(num_samples: int, cfg: Config) -> int:
 class TrainBatches:
     """The training data of one rank: `steps_per_epoch` and `micro_batches(epoch, first_step)`, which
     yields (images, labels, indices) for the optimizer steps first_step.. of the epoch. Any loader that
-    offers these two members can replace it (see build_loaders).
+    offers these two members can replace it (see build_train_batches).
 
     `dataset[(index, epoch)]` must return one sample whose augmentation depends on (seed, epoch, index)
     only (calm_fast.data.torch_loader.WSOLDataset does): then a sample looks the same whatever the number
@@ -83,110 +153,10 @@ class FFCVTrainBatches:
             yield batch
 
 
-def build_loaders(cfg: Config, world: World, train_split, val_split):
-    """(training batches, validation loader) for this rank: the one place that picks the loader.
-
-    The validation loader follows data.eval_loader (`build_eval_loader`). data.loader, for the training
-    batches: "torch" reads the image files (our global-batch sampler: rank-invariant and bitwise
-    resumable); "ffcv" reads the .beton files of `calm-fast convert`; "auto" takes FFCV for each split whose
-    .beton exists and matches the metadata, else torch (`loader_kind`).
-    """
-    data = cfg.data
-    val_loader = build_eval_loader(replace(cfg, eval=replace(cfg.eval, batch_size=data.eval_batch_size)),
-                                   val_split, world.rank, world.world_size, world.device)
-    kind, beton = loader_kind(cfg, train_split)
-    if kind == "ffcv":
-        micro = data.batch_size // (world.world_size * cfg.train.grad_accum)
-        dtype = Precision(cfg.train.precision).dtype if world.device.type == "cuda" else torch.float32
-        loader = build_ffcv_loader(beton, train=True, input_size=data.input_size, resize_size=data.resize_size,
-                                   batch_size=micro, num_workers=max(1, data.workers), rank=world.rank,
-                                   world_size=world.world_size, seed=cfg.train.seed, device=world.device,
-                                   dtype=dtype, drop_last=True)
-        return FFCVTrainBatches(loader, cfg, len(train_split)), val_loader
-    # The sampling is ours (TrainBatches): global batches that do not depend on the number of ranks.
-    train_dataset = torch_loader.WSOLDataset(train_split, train=True, input_size=data.input_size,
-                                             resize_size=data.resize_size, seed=cfg.train.seed)
-    return TrainBatches(train_dataset, cfg, world), val_loader
-
-
-def build_eval_loader(cfg: Config, split, rank: int = 0, world_size: int = 1,
-                      device: torch.device | str = "cpu"):
-    """The evaluation loader of `split` for this rank: images resized straight to input_size², ImageNet
-    mean/std; rank r takes samples r, r+W, ... (each exactly once, no padding); yields (images, labels,
-    indices) with cfg.eval.batch_size images per batch.
-
-    data.eval_loader picks the plain PyTorch loader ("torch", the default: the original file resized with
-    PIL bilinear, as the reference) or FFCV: "auto" takes FFCV when the split's .beton (`calm-fast
-    convert`) exists and matches the metadata, "ffcv" insists. FFCV's stored images (JPEG q90, at most
-    512 px) resized with INTER_AREA are not the reference's pixels: faster, but other numbers.
-    """
-    data = cfg.data
-    kind, beton = loader_kind(cfg, split, "data.eval_loader")
-    if kind == "ffcv":
-        return build_ffcv_loader(beton, train=False, input_size=data.input_size, batch_size=cfg.eval.batch_size,
-                                 num_workers=max(1, data.workers), rank=rank, world_size=world_size,
-                                 seed=cfg.train.seed, device=device)
-    return torch_loader.build_torch_loader(split, train=False, input_size=data.input_size,
-                                           resize_size=data.resize_size, batch_size=cfg.eval.batch_size,
-                                           num_workers=data.workers, rank=rank, world_size=world_size,
-                                           seed=cfg.train.seed, drop_last=False,
-                                           pin_memory=torch.device(device).type == "cuda")
-
-
-def loader_kind(cfg: Config, split, key: str = "data.loader") -> tuple[str, Path]:
-    """("ffcv" or "torch", the split's .beton path) for the setting `key` (data.loader for training,
-    data.eval_loader for evaluation): "auto" takes FFCV when the split's .beton exists and matches its
-    metadata, "ffcv" insists (a stale file is an error), "torch" never uses it."""
-    data = cfg.data
-    setting = {"data.loader": data.loader, "data.eval_loader": data.eval_loader}[key]
-    beton = beton_path_for(data.beton_dir or Path(data.root) / "ffcv", split.dataset, split.split)
-    matches = beton.is_file() and _beton_matches(split, beton)
-    if setting == "ffcv" and beton.is_file() and not matches:
-        raise FileNotFoundError(f"{beton} does not match {split.metadata_dir} (converted from other metadata "
-                                "or options): run `calm-fast convert` again")
-    if setting == "torch" or (setting == "auto" and not matches):
-        return "torch", beton
-    return resolve_loader_kind(setting, [beton], key), beton
-
-
-def data_repairs(cfg: Config, split) -> dict:
+def data_repairs(cfg: Config, split: WSOLSplit) -> dict:
     """{"loader": the kind `build_eval_loader` picks, "repairs": {"metadata": the reader's counts, "images":
     the converter's counts from the .beton sidecar (FFCV), or None: the torch loader converts image modes
     the same way but does not count}}, for results.json."""
-    kind, beton = loader_kind(cfg, split, "data.eval_loader")
-    images = dict((read_beton_info(beton) or {}).get("repairs", {})) if kind == "ffcv" else None
+    kind, beton = choose_loader(cfg, split, "data.eval_loader")
+    images = dict((read_beton_info(beton) or {}).get("repairs", {})) if kind == LoaderKind.FFCV else None
     return {"loader": kind, "repairs": {"metadata": dict(split.repairs), "images": images}}
-
-
-def _beton_matches(split, beton: Path) -> bool:
-    """The .beton's sidecar says it was converted from this split's current metadata."""
-    info = read_beton_info(beton)
-    if info is None or not isinstance(info.get("options"), dict):
-        return False
-    try:
-        options = ConvertOptions(**info["options"])
-    except TypeError:  # written by another version
-        return False
-    return is_up_to_date(split, beton, options)
-
-
-def resolve_loader_kind(kind: str, beton_paths: list[str | Path], key: str = "data.loader") -> str:
-    """The loader to use for a loader setting (``key``: data.loader or data.eval_loader): "ffcv" or "torch".
-
-    "auto" picks FFCV when it imports and every .beton in ``beton_paths`` exists, else the plain
-    PyTorch loader (``calm_fast.data.torch_loader``), which reads the original image files with the
-    same transforms. "ffcv" insists and raises naming what is missing.
-    """
-    if kind not in ("auto", "ffcv", "torch"):
-        raise ValueError(f"{key} must be 'auto', 'ffcv' or 'torch', got {kind!r}")
-    if kind == "torch":
-        return "torch"
-    missing = [str(p) for p in beton_paths if not Path(p).is_file()]
-    if kind == "auto":
-        return "ffcv" if ffcv_available() and not missing else "torch"
-    if not ffcv_available():
-        raise ConfigError(f"{key}='ffcv' but FFCV does not import "
-                           "(pip install ffcv; it needs libturbojpeg and OpenCV)")
-    if missing:
-        raise FileNotFoundError(f"{key}='ffcv' but {missing[0]} does not exist: run `calm-fast convert` first")
-    return "ffcv"

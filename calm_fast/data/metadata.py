@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from calm_fast.errors import UserError
 
@@ -166,8 +167,6 @@ def read_image_size(path: Path) -> tuple[int, int]:
     EXIF orientation is not applied: boxes of the WSOL datasets are in the stored frame, as is the
     reference loader's view of the image.
     """
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as image:
             return image.size
@@ -461,8 +460,6 @@ def declared_num_classes(metadata_root: str | Path, dataset: str) -> int | None:
 
 def _check_files_exist(split: WSOLSplit) -> None:
     """check_images=True: every image opens and decodes; every mask file exists."""
-    from PIL import Image
-
     for i in range(len(split)):
         path = split.image_path(i)
         try:

@@ -1,2 +1,3 @@
 """Evaluation of WSOL maps: map sources (`maps`, `baselines`), scoring and the cross-rank sum
-(`scoring`), the per-rank job (`job`), the report files (`reports`) and `calm-fast eval` (`cli`)."""
+(`scoring`), the per-rank job (`job`), the report files (`reports`), `calm-fast eval` (`cli`) and the
+attribution benchmarks (`attribution`)."""

@@ -89,12 +89,12 @@ from calm_fast.evaluate.attribution.benchmarks import (
 from calm_fast.evaluate.attribution.cue import build_cue_localization
 from calm_fast.evaluate.attribution.gradients import GradientSettings
 from calm_fast.evaluate.job import evaluate_maps
-from calm_fast.evaluate.maps import BASELINES, BaselineMaps, MapFn, ModelMaps, check_map_kinds
+from calm_fast.evaluate.maps import BaselineMaps, MapFn, ModelMaps, check_map_kinds
 from calm_fast.evaluate.reports import write_reports
 from calm_fast.evaluate.scoring import EvalSettings
 from calm_fast.models.weights import load_weights, num_classes_of
 from calm_fast.models.wsol import build_model_from
-from calm_fast.modes import Benchmark, MapKind, Method, choices, map_kinds_of
+from calm_fast.modes import Baseline, Benchmark, MapKind, Method, choices, map_kinds_of
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -123,8 +123,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="intervals of the IG path (N + 1 points; default %(default)s, as the reference)")
     parser.add_argument("--smooth-samples", type=int, default=GradientSettings.smooth_samples, metavar="N",
                         help="SmoothGrad/VarGrad noise samples per image (default %(default)s, as the reference)")
-    parser.add_argument("--baseline", nargs="+", metavar="NAME", choices=BASELINES,
-                        help=f"evaluate class-agnostic baseline maps instead of a model: {', '.join(BASELINES)}")
+    parser.add_argument("--baseline", nargs="+", metavar="NAME", choices=tuple(Baseline),
+                        help=f"evaluate class-agnostic baseline maps instead of a model: {choices(Baseline)}")
     parser.add_argument("--out", metavar="DIR", help="results folder (default: RUN_DIR/eval/SPLIT, "
                         "RUN_DIR/eval-baselines/SPLIT for --baseline)")
     parser.add_argument("--overlays", type=int, default=8, metavar="N",

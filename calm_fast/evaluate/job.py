@@ -216,8 +216,9 @@ def evaluate_model(model: torch.nn.Module, split, cfg: Config, world=None, dtype
                    loader=None, map_kinds: tuple[str, ...] | None = None,
                    settings: EvalSettings | None = None, progress: bool = False,
                    heartbeat: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Localization metrics of `model` on `split`: the function behind `calm-fast eval` and the periodic
-    validation of training. Collective when a process group is initialised.
+    """Localization metrics of `model` on `split` through `evaluate_maps` (training's validation passes its
+    one val loader; without `loader`, one is built with eval.batch_size). Collective when a process group
+    is initialised.
 
     Returns the headline numbers of the first map kind (default: the config's) as top-level scalars
     (`cls_top1_acc`, `max_box_acc`, `max_box_acc_v2`, `top1_loc` (v1: IoU 0.5, one box), `pxap`;

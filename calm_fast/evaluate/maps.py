@@ -20,8 +20,6 @@ from calm_fast.head import all_class_maps, attribution_map, class_log_probs
 from calm_fast.models.wsol import check_method
 from calm_fast.modes import CAM_MAPS_ONLY, Baseline, MapKind, Method, choices, map_kinds_of
 
-BASELINES = tuple(Baseline)
-
 
 @dataclass
 class MapBatch:
@@ -109,7 +107,7 @@ class BaselineMaps:
 
     def __init__(self, names: tuple[str, ...], energy_sigma_frac: float | None = None):
         for name in names:
-            if name not in BASELINES:
+            if name not in tuple(Baseline):
                 raise ValueError(f"baseline {name!r}: expected one of {choices(Baseline)}")
         if not names:
             raise ValueError("no baseline to evaluate")
@@ -119,11 +117,11 @@ class BaselineMaps:
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> MapBatch:
         batch, _, height, width = images.shape
         maps: dict[str, np.ndarray] = {}
-        if "centre-gaussian" in self.names:
-            maps["centre-gaussian"] = np.broadcast_to(baselines.centre_gaussian_map(height, width),
+        if Baseline.CENTRE_GAUSSIAN in self.names:
+            maps[Baseline.CENTRE_GAUSSIAN] = np.broadcast_to(baselines.centre_gaussian_map(height, width),
                                                       (batch, height, width))
-        if "image-energy" in self.names:
+        if Baseline.IMAGE_ENERGY in self.names:
             pixels = images_to_uint8(images)
             kwargs = {} if self.energy_sigma_frac is None else {"sigma_frac": self.energy_sigma_frac}
-            maps["image-energy"] = np.stack([baselines.image_energy_map(image, **kwargs) for image in pixels])
+            maps[Baseline.IMAGE_ENERGY] = np.stack([baselines.image_energy_map(image, **kwargs) for image in pixels])
         return MapBatch(maps=maps, pred_classes=None)

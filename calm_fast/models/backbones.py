@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torchvision.models import get_weight
 from torchvision.models.inception import BasicConv2d, InceptionA, InceptionC
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
@@ -417,8 +418,6 @@ def torchvision_checkpoint(arch: str) -> Path:
     The file is looked up where torchvision caches it (``<torch hub dir>/checkpoints/<file>``), so weights
     fetched earlier by torchvision itself are reused without network access.
     """
-    from torchvision.models import get_weight
-
     if arch not in TORCHVISION_WEIGHTS:
         raise ValueError(f"pretrained: unknown checkpoint arch {arch!r}; choose one of {', '.join(TORCHVISION_WEIGHTS)}")
     url = get_weight(TORCHVISION_WEIGHTS[arch]).url

@@ -164,6 +164,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def consolidate(checkpoint: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Config | None]:
     """(fp32 state dict with ZeRO shards merged, config or None) of a training checkpoint folder."""
+    # DeepSpeed on use: slow to import, and only checkpoint folders (not model files) need it.
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     checkpoint = Path(checkpoint)
@@ -188,7 +189,7 @@ def unpack_exported(payload: Any, path: str | os.PathLike) -> tuple[dict[str, to
     """(state_dict, config, step) of the loaded contents of an exported model file (`path` names it in errors)."""
     if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
         raise CheckpointError(f"{path}: not a calm-fast exported model (expected format {EXPORT_FORMAT!r})")
-    return payload["state_dict"], config_from_dict(payload["config"]), payload["step"]
+    return payload["state_dict"], config_from_dict(payload["config"], source=f"{path} (its config)"), payload["step"]
 
 
 def load_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Config | None]:

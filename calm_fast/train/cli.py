@@ -30,7 +30,7 @@ import os
 from pathlib import Path
 
 from calm_fast.config import load_config
-from calm_fast.distributed import report_rank_failure
+from calm_fast.distributed import in_multi_rank_job, report_rank_failure
 from calm_fast.errors import is_user_error
 from calm_fast.models.weights import checkpoint_root, usable_checkpoint
 from calm_fast.train.checkpoint import export_model
@@ -57,11 +57,10 @@ def main(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"--export: no usable checkpoint under {checkpoint_root(cfg.run_dir)}")
         print(export_model(source, Path(cfg.run_dir) / "model.pt"))
         return 0
-    multi_rank = int(os.environ.get("WORLD_SIZE", "1")) > 1
     try:
         summary = train(cfg, resume=args.resume)
     except Exception as error:
-        if not multi_rank or is_user_error(error):
+        if not in_multi_rank_job() or is_user_error(error):
             raise
         return report_rank_failure("train", error)
     if int(os.environ.get("RANK", "0")) == 0:

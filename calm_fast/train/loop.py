@@ -14,14 +14,15 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
 
 from calm_fast.atomic import atomic_write_text
 from calm_fast.config import Config, ConfigError, save_config
-from calm_fast.data.loaders import FFCVTrainBatches, build_loaders
+from calm_fast.data.loaders import FFCVTrainBatches, TrainBatches, build_eval_loader, build_train_batches
+from calm_fast.data.metadata import WSOLSplit
 from calm_fast.data.splits import read_configured_split
 from calm_fast.distributed import (Watchdog, World, all_reduce_sum, any_rank, barrier, init_world, share_cpu_threads,
                                    shutdown_world)
@@ -37,20 +38,35 @@ from calm_fast.train.log import RunLog, truncate_metrics
 from calm_fast.train.optim import build_optimizer, deepspeed_config, lr_factor
 
 
-def read_splits(cfg: Config):
-    """(train split, val split) as WSOLSplit, both bounded by the configured class count."""
+@dataclass
+class RunData:
+    """The data of one rank's run, each piece built once: the splits, the training batches and the one
+    validation loader (eval.batch_size images per batch, as `calm-fast eval` reads)."""
+
+    train_split: WSOLSplit
+    val_split: WSOLSplit
+    train_batches: TrainBatches | FFCVTrainBatches
+    val_loader: Iterable
+
+
+def build_run_data(cfg: Config, world: World) -> RunData:
+    """Read the train and val splits (both bounded by the configured class count) and build their loaders."""
     train_split = read_configured_split(cfg, cfg.data.train_split)
-    return train_split, read_configured_split(cfg, cfg.data.val_split, train_split.num_classes)
+    val_split = read_configured_split(cfg, cfg.data.val_split, train_split.num_classes)
+    return RunData(train_split, val_split, build_train_batches(cfg, world, train_split),
+                   build_eval_loader(cfg, val_split, world.rank, world.world_size, world.device))
 
 
 def validate(engine, val_loader, val_split, cfg: Config, world: World, dtype: torch.dtype,
              watchdog: Watchdog) -> dict[str, Any]:
-    """Validation on the val split, every rank a shard. With train.val_localization: the metrics of
-    `calm-fast eval` (calm_fast.evaluate.evaluate_model: classification and MaxBoxAccV2 / PxAP);
-    otherwise only top-1 classification accuracy, counted here. Collective; the watchdog hears every batch."""
+    """Validation on the val split from `val_loader` (this rank's shard, built once by the loop with
+    eval.batch_size). With train.val_localization: the metrics of `calm-fast eval`
+    (calm_fast.evaluate.job.evaluate_model: classification and MaxBoxAccV2 / PxAP); otherwise only top-1
+    classification accuracy, counted here. Collective; the watchdog hears every batch."""
     model = engine.module
     if cfg.train.val_localization:
-        metrics = evaluate_model(model, val_split, cfg, world=world, dtype=dtype, heartbeat=watchdog.beat)
+        metrics = evaluate_model(model, val_split, cfg, world=world, dtype=dtype, loader=val_loader,
+                                 heartbeat=watchdog.beat)
         return {key: value for key, value in metrics.items() if isinstance(value, (int, float, str))}
     was_training = model.training
     model.eval()
@@ -89,7 +105,8 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
 
 
 def _quiet_deepspeed() -> None:
-    from deepspeed.utils import logger as deepspeed_logger  # deepspeed is heavy: imported when training starts
+    # DeepSpeed is imported when training starts: it is slow to import and evaluation does not need it.
+    from deepspeed.utils import logger as deepspeed_logger
 
     deepspeed_logger.setLevel(logging.WARNING)
 
@@ -107,8 +124,9 @@ def _train(cfg: Config, world: World, watchdog: Watchdog, resume: bool) -> dict[
     existing = _check_run_dir(cfg, world, resume)
 
     _seed_everything(cfg.train.seed)  # identical model initialisation on every rank
-    train_split, val_split = read_splits(cfg)
-    train_batches, val_loader = build_loaders(cfg, world, train_split, val_split)
+    data = build_run_data(cfg, world)
+    train_split, val_split, train_batches, val_loader = (data.train_split, data.val_split, data.train_batches,
+                                                         data.val_loader)
     steps_per_epoch = train_batches.steps_per_epoch
     total_steps = cfg.train.epochs * steps_per_epoch
     if cfg.train.max_steps is not None:
@@ -261,7 +279,7 @@ def synchronise_batchnorm(model: torch.nn.Module, cfg: Config, world_size: int, 
 
 def _build_engine(cfg: Config, world: World, num_classes: int, steps_per_epoch: int, total_steps: int):
     """Model, SGD with the two LR groups, LR schedule, all wrapped in a DeepSpeed engine."""
-    import deepspeed  # heavy: imported when training starts
+    import deepspeed  # on use, as in _quiet_deepspeed
 
     model = build_model(cfg.model.backbone, num_classes, cfg.model.method,
                         large_feature_map=cfg.model.large_feature_map, pretrained=cfg.model.pretrained,
