@@ -168,17 +168,6 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(all_reduce_sum(value).item() > 0)
 
 
-def report_rank_failure(command: str, error: BaseException) -> int:
-    """A rank of a multi-rank job failed: print the traceback and which rank failed, and return the exit
-    status (1). The launcher then stops the other ranks; since a collective error is often only the echo of
-    another rank's death, the message says where to look."""
-    traceback.print_exc()
-    print(f"[calm-fast] {command} rank {os.environ.get('RANK', '?')} failed: {type(error).__name__}: {error}. "
-          "If this is a communication error, another rank probably died first: look for its message above.",
-          file=sys.stderr, flush=True)
-    return 1
-
-
 class Watchdog:
     """Stops this process with a clear message when no step finishes for `timeout_s` seconds.
 
