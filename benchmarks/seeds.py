@@ -11,9 +11,10 @@ whose `results.json` exists is not repeated, so the driver resumes after any int
     python benchmarks/seeds.py --out runs/seeds --runs calm-em:bf16 calm-ml:bf16 cam:bf16 \
         --seeds 0 1 2 --steps 1000 --eval-args "--benchmark wsol cue remove-classify \
         --control centre-gaussian random blurred-cam --attribution-images 200" \
-        --method-eval-args "cam=--gradient vanilla ig-reference smoothgrad vargrad --ig-steps 20 --smooth-samples 20"
+        --method-eval-args "cam=--gradient vanilla ig-reference smoothgrad vargrad --ig-steps 20 --smooth-samples 20" \
+        data.eval_loader=torch
     python benchmarks/seeds.py --out runs/seeds --runs calm-em:fp32 --seeds 0 1 2 --steps 1000 \
-        --eval-args "--benchmark wsol"
+        --eval-args "--benchmark wsol" data.eval_loader=torch
 
 (the paper's gradient baselines are computed on CAM models, as the reference does; they cost ~100
 forward+backward passes per image, hence the attribution subset on a CPU.)
