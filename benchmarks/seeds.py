@@ -7,14 +7,14 @@ machine is. Runs go through the real `calm-fast train` and `calm-fast eval` comm
 core each, `--parallel` at a time); a run whose `model.pt` exists is not trained again, and an evaluation
 whose `results.json` exists is not repeated, so the driver resumes after any interruption.
 
-    # the commands behind the README's attribution and precision tables (training is shared):
-    python benchmarks/seeds.py --out runs/seeds --runs calm-em:bf16 calm-ml:bf16 cam:bf16 \
-        --seeds 0 1 2 --steps 1000 --eval-args "--benchmark wsol cue remove-classify \
+    # the commands behind the README's attribution and precision tables (training is shared; the
+    # positional overrides go before the options that take several values):
+    python benchmarks/seeds.py --out runs/seeds data.eval_loader=torch --runs calm-em:bf16 calm-ml:bf16 \
+        cam:bf16 --seeds 0 1 2 --steps 1000 --eval-args "--benchmark wsol cue remove-classify \
         --control centre-gaussian random blurred-cam --attribution-images 200" \
-        --method-eval-args "cam=--gradient vanilla ig-reference smoothgrad vargrad --ig-steps 20 --smooth-samples 20" \
-        data.eval_loader=torch
-    python benchmarks/seeds.py --out runs/seeds --runs calm-em:fp32 --seeds 0 1 2 --steps 1000 \
-        --eval-args "--benchmark wsol" data.eval_loader=torch
+        --method-eval-args "cam=--gradient vanilla ig-reference smoothgrad vargrad --ig-steps 20 --smooth-samples 20"
+    python benchmarks/seeds.py --out runs/seeds data.eval_loader=torch --runs calm-em:fp32 --seeds 0 1 2 \
+        --steps 1000 --eval-args "--benchmark wsol"
 
 (the paper's gradient baselines are computed on CAM models, as the reference does; they cost ~100
 forward+backward passes per image, hence the attribution subset on a CPU.)

@@ -8,6 +8,7 @@ from calm_fast import cli
 from calm_fast.data.ffcv_loader import ffcv_available
 
 
+@pytest.mark.slow  # an end-to-end command run
 @pytest.mark.skipif(not ffcv_available(), reason="FFCV does not import here")
 def test_bench_loader_smoke(tmp_path):
     out = tmp_path / "bench" / "loader.json"

@@ -171,6 +171,7 @@ def full_run(experiment, tmp_path_factory):
 SOURCES = ["class", "grad-vanilla", "grad-vargrad", "control-centre-gaussian", "control-random", "control-blurred-cam"]
 
 
+@pytest.mark.slow  # an end-to-end command run
 def test_results_have_a_section_per_benchmark(full_run):
     out, results = full_run
     assert results["benchmarks"] == ["wsol", "remove-classify"]
@@ -196,6 +197,7 @@ def test_results_have_a_section_per_benchmark(full_run):
     assert not list(out.rglob("*.tmp"))
 
 
+@pytest.mark.slow  # reads the end-to-end command run above
 def test_gradient_and_control_maps_are_scored_by_wsol(full_run):
     out, results = full_run
     assert list(results["maps"]) == SOURCES
@@ -205,6 +207,7 @@ def test_gradient_and_control_maps_are_scored_by_wsol(full_run):
         assert (out / f"boxacc_{name}.png").is_file() and (out / f"overlays_{name}.png").is_file()
 
 
+@pytest.mark.slow  # reads the end-to-end command run above
 def test_the_headline_holds_numbers_per_map_source(full_run):
     _, results = full_run
     headline = results["headline"]
@@ -218,6 +221,7 @@ def test_the_headline_holds_numbers_per_map_source(full_run):
     assert all(isinstance(v, float) for v in numbers)
 
 
+@pytest.mark.slow  # an end-to-end command run
 def test_a_gradient_map_scored_by_the_command_equals_the_library_called_directly(full_run, experiment, split):
     out, _ = full_run
     model = _model(experiment)
@@ -235,6 +239,7 @@ def test_a_gradient_map_scored_by_the_command_equals_the_library_called_directly
         np.testing.assert_array_equal(state[f"grad-vanilla/{key}"], value, err_msg=key)
 
 
+@pytest.mark.slow  # an end-to-end command run
 def test_remove_classify_on_a_subset_equals_the_library_on_those_images(experiment, split, tmp_path, monkeypatch):
     out = tmp_path / "subset"
     code = _cli(monkeypatch, ["eval", "--config", str(experiment / "config.toml"), "--checkpoint",
@@ -264,6 +269,7 @@ def test_remove_classify_on_a_subset_equals_the_library_on_those_images(experime
         np.testing.assert_array_equal(state[f"remove_classify/{key}"], value, err_msg=key)
 
 
+@pytest.mark.slow  # an end-to-end command run
 def test_wsol_with_gradients_and_no_remove_classify(experiment, tmp_path, monkeypatch):
     out = tmp_path / "wsol"
     code = _cli(monkeypatch, ["eval", "--config", str(experiment / "config.toml"), "--checkpoint",

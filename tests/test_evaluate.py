@@ -504,6 +504,7 @@ def test_command_errors_name_what_is_wrong(experiment, monkeypatch, capsys):
     assert code == 2 and "holds no config" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # an end-to-end command run
 def test_ffcv_and_torch_loaders_feed_the_same_samples(split, data_root, tmp_path):
     from calm_fast.config import load_config
     from calm_fast.data import ffcv_convert, ffcv_loader

@@ -151,6 +151,7 @@ def test_command_errors_for_cue_name_what_is_wrong(experiment, monkeypatch, caps
     assert code == 2 and "eval.benchmarks='saliency'" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # an end-to-end command run
 def test_cue_with_remove_classify_puts_both_in_results_and_headline(experiment, tmp_path, monkeypatch):
     out = tmp_path / "cue-rk"
     code = _run_in_process(monkeypatch, ["eval", "--config", str(experiment / "config.toml"), "--checkpoint",
