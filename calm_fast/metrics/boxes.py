@@ -12,6 +12,7 @@ import numba
 import numpy as np
 
 from calm_fast.metrics import _component_tree
+from calm_fast.metrics.counts import add_counts, load_counts
 from calm_fast.metrics.scoremaps import (
     SCOREMAP_SIZE,
     cam_thresholds,
@@ -176,7 +177,7 @@ class BoxAccuracy:
     def merge(self, other: "BoxAccuracy") -> "BoxAccuracy":
         """Add another accumulator's counts (same settings) into this one; returns self."""
         self._check_compatible(other)
-        _add_counts(self, other)
+        add_counts(self, other)
         return self
 
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -187,7 +188,7 @@ class BoxAccuracy:
 
     def load_state_dict(self, state: dict) -> None:
         """Replace the state with `state` (e.g. all-reduced tensors or arrays of the same shapes)."""
-        _load_counts(self, state, self.state_dict())
+        load_counts(self, state, self.state_dict())
 
     def compute(self) -> dict:
         """Curves and maxima, in percent. Keys: `thresholds` (τ grid), `iou_thresholds`, `curves`
@@ -222,25 +223,3 @@ class BoxAccuracy:
             raise RuntimeError(f"labels were given for {labelled} of {count} images; top-1 localisation "
                                f"needs them for all or none")
         return result
-
-
-def _add_counts(metric, other) -> None:
-    """Add `other`'s state into `metric`'s (the caller checked that their settings match)."""
-    theirs = other.state_dict()
-    metric.load_state_dict({name: value + theirs[name] for name, value in metric.state_dict().items()})
-
-
-def _load_counts(metric, state: dict, template: dict[str, np.ndarray]) -> None:
-    """Validate names and shapes against `template`, then set each count as an int64 array."""
-    if set(state) != set(template):
-        raise ValueError(f"state keys {sorted(state)} do not match {sorted(template)}")
-    for name, current in template.items():
-        value = state[name]
-        if hasattr(value, "detach"):  # a torch tensor, e.g. after all_reduce
-            value = value.detach().cpu().numpy()
-        value = np.asarray(value)
-        if value.shape != current.shape:
-            raise ValueError(f"state[{name!r}] has shape {value.shape}, expected {current.shape}")
-        if not np.issubdtype(value.dtype, np.integer):
-            raise ValueError(f"state[{name!r}] must hold integer counts, got dtype {value.dtype}")
-        setattr(metric, name, value.astype(np.int64))

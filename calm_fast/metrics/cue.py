@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from calm_fast.metrics.boxes import _add_counts, _load_counts
+from calm_fast.metrics.counts import add_counts, load_counts
 from calm_fast.metrics.cue_bins import ThresholdGrid, bin_rows
 from calm_fast.metrics.masks import pxap_from_histograms
 
@@ -88,7 +88,7 @@ class CuePixelAP:
         """Add another accumulator's state (same pairs and grid) into this one; returns self."""
         if not (self.grid.same_as(other.grid) and np.array_equal(self.pair_groups, other.pair_groups)):
             raise ValueError("cannot merge CuePixelAP states of different pairs or threshold grids")
-        _add_counts(self, other)
+        add_counts(self, other)
         return self
 
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -96,7 +96,7 @@ class CuePixelAP:
                 "num_images": self.num_images.copy(), "num_skipped": self.num_skipped.copy()}
 
     def load_state_dict(self, state: dict) -> None:
-        _load_counts(self, state, self.state_dict())
+        load_counts(self, state, self.state_dict())
 
     # -- numbers
 

@@ -9,7 +9,7 @@ import cv2
 import numba
 import numpy as np
 
-from calm_fast.metrics.boxes import _add_counts, _load_counts
+from calm_fast.metrics.counts import add_counts, load_counts
 from calm_fast.metrics.scoremaps import SCOREMAP_SIZE, cam_thresholds, check_scoremaps
 
 IGNORE = 255  # value of an ignored pixel in a GT mask; 1 is foreground, 0 background
@@ -112,7 +112,7 @@ class PixelAP:
         if other.cam_curve_interval != self.cam_curve_interval:
             raise ValueError(f"cannot merge PixelAP with cam_curve_interval {other.cam_curve_interval} "
                              f"into {self.cam_curve_interval}")
-        _add_counts(self, other)
+        add_counts(self, other)
         return self
 
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -122,7 +122,7 @@ class PixelAP:
 
     def load_state_dict(self, state: dict) -> None:
         """Replace the state with `state` (e.g. all-reduced tensors or arrays of the same shapes)."""
-        _load_counts(self, state, self.state_dict())
+        load_counts(self, state, self.state_dict())
 
     def compute(self) -> dict:
         """`pxap` (percent), `precision` and `recall` [T+2] (index 0: score ≥ 2, 1: ≥ 1.0, then down the

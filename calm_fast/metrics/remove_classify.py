@@ -17,6 +17,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from calm_fast.metrics.counts import load_counts
+
 # The erased fractions of the paper (10, 30, 50, 70, 90 % of the input's pixels).
 FRACTIONS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
@@ -83,19 +85,7 @@ class RemoveClassifyCounts:
 
     def load_state_dict(self, state: dict) -> None:
         """Replace the state with `state` (arrays or tensors of the same names and shapes, integer)."""
-        template = self.state_dict()
-        if set(state) != set(template):
-            raise ValueError(f"state keys {sorted(state)} do not match {sorted(template)}")
-        for name, current in template.items():
-            value = state[name]
-            if hasattr(value, "detach"):  # a torch tensor, e.g. after all_reduce
-                value = value.detach().cpu().numpy()
-            value = np.asarray(value)
-            if value.shape != current.shape:
-                raise ValueError(f"state[{name!r}] has shape {value.shape}, expected {current.shape}")
-            if not np.issubdtype(value.dtype, np.integer):
-                raise ValueError(f"state[{name!r}] must hold integer counts, got dtype {value.dtype}")
-            setattr(self, name, value.astype(np.int64))
+        load_counts(self, state, self.state_dict())
 
     def compute(self) -> dict:
         """R_k per map and the accuracies behind it (percent), from the pooled counts.
