@@ -126,6 +126,10 @@ def method_eval_args(args: argparse.Namespace) -> dict[str, list[str]]:
         method, sep, extra = entry.partition("=")
         if not sep or not method:
             raise SystemExit(f"--method-eval-args {entry!r}: expected METHOD=ARGS, e.g. 'cam=--gradient vanilla'")
+        methods = sorted({kind.split(":")[0] for kind in args.runs})
+        if method not in methods:  # e.g. a SECTION.KEY=VALUE override swallowed by this multi-value option
+            raise SystemExit(f"--method-eval-args {entry!r}: {method!r} is none of the methods run ({methods}); "
+                             "put SECTION.KEY=VALUE overrides before the options that take several values")
         out.setdefault(method, []).extend(shlex.split(extra))
     return out
 
