@@ -45,7 +45,15 @@ def user_error(command: str, error: BaseException | str) -> int:
     """Print `calm-fast COMMAND: error` on one line to stderr (`calm-fast COMMAND (rank R): ...` under a
     multi-process launcher); return the usage-error exit status."""
     rank = f" (rank {os.environ.get('RANK', '?')})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-    print(f"calm-fast {command}{rank}: {one_line(error)}", file=sys.stderr, flush=True)
+    line = f"calm-fast {command}{rank}: {one_line(error)}\n"
+    # One write call: `print` writes the text and its newline separately, so two ranks sharing a pipe
+    # could interleave into one line. A single write of under PIPE_BUF bytes to a pipe is atomic.
+    sys.stderr.flush()
+    try:
+        os.write(sys.stderr.fileno(), line.encode(sys.stderr.encoding or "utf-8", "backslashreplace"))
+    except (AttributeError, OSError, ValueError):  # a replaced stderr (pytest's capture, a StringIO)
+        sys.stderr.write(line)
+        sys.stderr.flush()
     return USAGE_ERROR
 
 
