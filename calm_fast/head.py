@@ -58,10 +58,12 @@ def _check_shapes(class_logits: torch.Tensor, location_scores: torch.Tensor | No
     return b, k, h, w
 
 
-def _checked_labels(labels, batch: int, num_classes: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _checked_labels(labels, batch: int, num_classes: int,
+                    kernel_checks_range: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(int64 labels safe to index with, valid-row mask or None): the shape and type checks are free; the
     range check is a ValueError on CPU, and on CUDA (no host sync) a mask that turns the rows it rejects
-    into NaN."""
+    into NaN. kernel_checks_range: the fused op turns an out-of-range label into a NaN loss itself, so on
+    CUDA the labels go to it as they are (no clamp, no mask: no launches around the op)."""
     if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dtype.is_complex \
             or labels.dtype == torch.bool:
         got = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
@@ -74,6 +76,8 @@ def _checked_labels(labels, batch: int, num_classes: int) -> tuple[torch.Tensor,
             bad = labels[(labels < 0) | (labels >= num_classes)][0].item()
             raise ValueError(f"labels must lie in [0, {num_classes}), got {bad}")
         return labels, None
+    if kernel_checks_range:
+        return labels, None
     valid = (labels >= 0) & (labels < num_classes)
     return labels.clamp(0, num_classes - 1), valid
 
@@ -83,11 +87,6 @@ def _nan_where_invalid(values: torch.Tensor, valid: torch.Tensor | None) -> torc
     if valid is None:
         return values
     return torch.where(valid.view(-1, *([1] * (values.dim() - 1))), values, float("nan"))
-
-
-def _nan_unless_valid(loss: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    """A batch loss, NaN when any label was invalid (nothing to do when valid is None)."""
-    return loss if valid is None else torch.where(valid.all(), loss, float("nan"))
 
 
 def _flatten_inputs(class_logits: torch.Tensor, location_scores: torch.Tensor):
@@ -165,16 +164,16 @@ def calm_loss(class_logits, location_scores, labels, objective: str = "em", prio
     objective = parse(Objective, objective, "objective")
     if class_logits.dim() != 4:
         raise ValueError(f"class_logits must be [B, K, H, W], got shape {tuple(class_logits.shape)}")
-    labels, valid = _checked_labels(labels, class_logits.shape[0], class_logits.shape[1])
+    fused = objective != "cam" and _use_kernels(class_logits, backend)
+    labels, valid = _checked_labels(labels, class_logits.shape[0], class_logits.shape[1], kernel_checks_range=fused)
     if objective == "cam":
         per_image = -cam_log_probs(class_logits).gather(1, labels[:, None]).squeeze(1)
-    elif _use_kernels(class_logits, backend):
+    elif fused:
         from calm_fast.kernels.calm_loss import calm_loss as fused_loss  # lazy: Triton picks CPU/GPU at import
 
         prior = parse(Prior, prior, "prior")  # the op takes plain strings (its schema's type)
-        loss = fused_loss(class_logits, labels, class_logits.shape[1], prior.value, objective.value,
+        return fused_loss(class_logits, labels, class_logits.shape[1], prior.value, objective.value,
                           location=location_scores)
-        return _nan_unless_valid(loss, valid)
     else:
         joint = log_joint(class_logits, location_scores, prior)  # [B, K, N]
         joint_y = joint.gather(1, labels[:, None, None].expand(-1, 1, joint.shape[2])).squeeze(1)  # [B, N]
@@ -199,9 +198,9 @@ def merged_loss(head_maps, labels, num_classes: int, objective: str = "em", prio
     if _use_kernels(head_maps, backend):  # the op checks its inputs, once per shape
         from calm_fast.kernels.calm_loss import calm_loss as fused_loss  # lazy: Triton picks CPU/GPU at import
 
-        labels, valid = _checked_labels(labels, head_maps.shape[0], num_classes)
+        labels, _ = _checked_labels(labels, head_maps.shape[0], num_classes, kernel_checks_range=True)
         prior = parse(Prior, prior, "prior")  # the op takes plain strings (its schema's type)
-        return _nan_unless_valid(fused_loss(head_maps, labels, num_classes, prior.value, objective.value), valid)
+        return fused_loss(head_maps, labels, num_classes, prior.value, objective.value)
     if head_maps.dim() != 4 or head_maps.shape[1] < num_classes + 1:
         raise ValueError(f"head_maps must be [B, C, H, W] with C >= num_classes + 1 = {num_classes + 1}, got "
                          f"shape {tuple(head_maps.shape)}")

@@ -269,6 +269,44 @@ def test_out_of_range_labels_name_the_range(backend, objective, bad):
         head.calm_loss(s, a, torch.tensor([0, bad, 2]), objective, backend=backend)
 
 
+@pytest.mark.parametrize("objective", (Objective.EM, Objective.ML))
+@pytest.mark.parametrize("merged", (False, True))
+def test_the_fused_loss_off_the_cpu_gets_the_labels_with_no_op_around_it(monkeypatch, objective, merged):
+    """Off the CPU the fused op itself turns an out-of-range label into a NaN loss, so the head must not add
+    a range check (launches, a host sync) around it: no aten op runs besides the op, and the op gets the
+    labels tensor itself. Meta tensors stand in for CUDA ones (any device but the CPU takes this path)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import calm_fast.kernels.calm_loss as fused
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    seen = {}
+    result = torch.empty((), device="meta")
+
+    def fake_op(scores, labels, num_classes, prior, objective_name, location=None):
+        seen.update(labels=labels, num_classes=num_classes, objective=objective_name)
+        return result
+
+    monkeypatch.setattr(fused, "calm_loss", fake_op)
+    labels = torch.tensor([0, 7, 2], device="meta")  # 7 is out of range: the op's business here
+    maps = torch.empty(3, 8, 4, 4, device="meta")
+    with Recorder() as recorder:
+        if merged:
+            loss = head.merged_loss(maps, labels, 5, objective, backend="triton")
+        else:
+            loss = head.calm_loss(maps[:, :5], maps[:, 5:6], labels, objective, backend="triton")
+    assert loss is result and seen["labels"] is labels and seen["objective"] == objective.value
+    assert [op for op in recorder.ops if "slice" not in op] == []  # only the views of the unmerged call
+
+
 @pytest.mark.parametrize("kind", list(MapKind))
 def test_attribution_map_checks_labels_too(kind):
     s, a = random_inputs(seed=15)
