@@ -24,6 +24,10 @@ class WeightsMismatchError(UserError, ValueError):
     """Weights that do not fit the configured model (another architecture, method or class count)."""
 
 
+class NonFiniteMapError(UserError, ValueError):
+    """A map with NaN or ±inf values (a diverged or broken model): scoring it would print numbers for it."""
+
+
 class InputFileError(UserError, OSError):
     """An input file (an image, a mask) that exists but cannot be read."""
 

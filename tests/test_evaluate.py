@@ -221,8 +221,11 @@ def test_a_non_finite_map_is_an_error_naming_the_image_not_a_zero_map(split, val
             maps[indices.numpy() == 7, 10, 10] = value
             return MapBatch(maps={"oracle": maps}, pred_classes=batch.pred_classes)
 
+    from calm_fast.errors import is_user_error
+
     with pytest.raises(ValueError) as error:
         evaluate_maps(BrokenMaps(split), split, batches(split), EvalSettings())
+    assert is_user_error(error.value)  # `calm-fast eval` prints it as one line, not a traceback
     assert "'oracle' map of sample 7" in str(error.value) and split.image_ids[7] in str(error.value)
     assert "not finite" in str(error.value)
 

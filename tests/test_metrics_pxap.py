@@ -129,3 +129,25 @@ def test_load_gt_mask_resizes_nearest_unites_instances_and_ignores(tmp_path):
     np.testing.assert_array_equal(load_gt_mask([tmp_path / "b.png"]), second[np.ix_(rows, cols)].astype(np.uint8))
     with pytest.raises(FileNotFoundError, match="missing.png"):
         load_gt_mask([tmp_path / "missing.png"])
+
+
+def test_mask_files_that_a_grayscale_read_would_misread_are_refused_or_converted(tmp_path):
+    from calm_fast.errors import InputFileError, UserError
+
+    mask = np.zeros((20, 20), np.uint8)
+    mask[5:15, 5:15] = 1
+    # 16 bits: a grayscale read scales values down by 256, so this 0/1 mask would be all background.
+    assert cv2.imwrite(str(tmp_path / "deep.png"), mask.astype(np.uint16))
+    with pytest.raises(InputFileError, match=r"deep\.png: a uint16 mask image; masks are 8-bit grayscale"):
+        load_gt_mask([tmp_path / "deep.png"])
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not a png")
+    with pytest.raises(UserError, match=r"broken\.png: cannot decode"):
+        load_gt_mask([tmp_path / "broken.png"])
+    # Colour masks are read through the grayscale conversion, as the reference reads every mask: a pure blue
+    # foreground of 255 becomes 29 (> 0.5), so it is the same mask as its grayscale copy.
+    colour = np.zeros((20, 20, 3), np.uint8)
+    colour[5:15, 5:15, 0] = 255
+    assert cv2.imwrite(str(tmp_path / "colour.png"), colour)
+    assert cv2.imwrite(str(tmp_path / "gray.png"), mask * 255)
+    np.testing.assert_array_equal(load_gt_mask([tmp_path / "colour.png"]), load_gt_mask([tmp_path / "gray.png"]))
+    assert load_gt_mask([tmp_path / "gray.png"]).sum() > 0

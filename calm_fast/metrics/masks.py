@@ -9,6 +9,7 @@ import cv2
 import numba
 import numpy as np
 
+from calm_fast.errors import InputFileError
 from calm_fast.metrics.counts import add_counts, load_counts
 from calm_fast.metrics.scoremaps import SCOREMAP_SIZE, cam_thresholds, check_scoremaps
 
@@ -16,9 +17,17 @@ IGNORE = 255  # value of an ignored pixel in a GT mask; 1 is foreground, 0 backg
 
 
 def _read_binary_mask(path: str | os.PathLike, size: int, as_float: bool) -> np.ndarray:
-    image = cv2.imread(os.fspath(path), cv2.IMREAD_GRAYSCALE)
+    name = os.fspath(path)
+    image = cv2.imread(name, cv2.IMREAD_UNCHANGED)
     if image is None:
-        raise FileNotFoundError(f"cannot read mask image {os.fspath(path)!r}")
+        if not os.path.isfile(name):
+            raise FileNotFoundError(f"{name}: mask image not found")
+        raise InputFileError(f"{name}: cannot decode the mask image")
+    if image.dtype != np.uint8:
+        # A grayscale read scales 16 bits down to 8, so a 0/1 mask of 16 bits would become all background.
+        raise InputFileError(f"{name}: a {image.dtype} mask image; masks are 8-bit grayscale (> 0 is foreground)")
+    if image.ndim == 3:  # colour: the reference's grayscale conversion, as it reads every mask
+        image = cv2.imread(name, cv2.IMREAD_GRAYSCALE)
     if as_float:  # the reference reads instance masks as float32, the ignore mask as uint8
         image = image.astype(np.float32)
     return cv2.resize(image, (size, size), interpolation=cv2.INTER_NEAREST) > 0.5

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
+from calm_fast.errors import NonFiniteMapError
+
 SCOREMAP_SIZE = 224
 
 
@@ -38,7 +40,7 @@ def normalize_scoremaps(cams: Sequence | np.ndarray, size: int = SCOREMAP_SIZE,
             raise ValueError(f"cams[{i}] must be a non-empty 2-D map, got shape {cam.shape}")
         if not np.isfinite(cam).all():
             name = names[i] if names is not None else f"cams[{i}]"
-            raise ValueError(f"{name} is not finite ({int(np.isnan(cam).sum())} NaN, "
+            raise NonFiniteMapError(f"{name} is not finite ({int(np.isnan(cam).sum())} NaN, "
                              f"{int(np.isinf(cam).sum())} ±inf values): the model's maps are broken")
         resized = cv2.resize(cam, (size, size), interpolation=cv2.INTER_CUBIC)
         if resized.min() == resized.max():
@@ -69,7 +71,7 @@ def check_scoremaps(scoremaps: Sequence | np.ndarray) -> np.ndarray:
         return maps
     not_finite = ~np.isfinite(maps).all(axis=(1, 2))
     if not_finite.any():
-        raise ValueError(f"scoremaps[{int(np.argmax(not_finite))}] contains NaN or ±inf")
+        raise NonFiniteMapError(f"scoremaps[{int(np.argmax(not_finite))}] contains NaN or ±inf")
     low, high = maps.min(axis=(1, 2)), maps.max(axis=(1, 2))
     outside = (low < 0.0) | (high > 1.0)
     if outside.any():
