@@ -161,7 +161,7 @@ def _numbers(tree, prefix: str = "") -> dict[str, float]:
 
 def summarise(args: argparse.Namespace, out: Path) -> dict:
     per_kind: dict[str, dict[str, list[float]]] = {}
-    runs = {}
+    runs, commands = {}, {}
     for kind in args.runs:
         for seed in args.seeds:
             path = out / run_name(kind, seed) / "eval" / args.split / "results.json"
@@ -170,6 +170,7 @@ def summarise(args: argparse.Namespace, out: Path) -> dict:
             results = json.loads(path.read_text())
             numbers = _numbers(results.get("headline", results.get("maps", {})))
             runs[run_name(kind, seed)] = numbers
+            commands[run_name(kind, seed)] = results.get("command")  # how that evaluation was run
             for key, value in numbers.items():
                 per_kind.setdefault(kind, {}).setdefault(key, []).append(value)
     table = {}
@@ -178,7 +179,7 @@ def summarise(args: argparse.Namespace, out: Path) -> dict:
                              "std": statistics.stdev(values) if len(values) > 1 else 0.0,
                              "min": min(values), "max": max(values), "n": len(values)}
                        for key, values in columns.items()}
-    return {"runs": runs, "table": table, "steps": args.steps, "seeds": args.seeds, "config": args.config,
+    return {"runs": runs, "commands": commands, "table": table, "steps": args.steps, "seeds": args.seeds, "config": args.config,
             "overrides": args.overrides, "eval_args": args.eval_args, "method_eval_args": args.method_eval_args}
 
 

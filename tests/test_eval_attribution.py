@@ -312,7 +312,8 @@ def test_seeds_summary_reads_the_headline(tmp_path):
         folder = tmp_path / seeds.run_name("cam:bf16", seed) / "eval" / "test"
         folder.mkdir(parents=True)
         headline = {"class": {"max_box_acc_v2": box, "r_10": r_10}}
-        (folder / "results.json").write_text(json.dumps({"headline": headline, "maps": {"class": {"x": 1.0}}}))
+        (folder / "results.json").write_text(json.dumps({"headline": headline, "maps": {"class": {"x": 1.0}},
+                                                         "command": f"calm-fast eval --seed-{seed}"}))
     # --method-eval-args adds arguments to one method's evaluations only
     both = seeds.parse_args(["--out", str(tmp_path / "x"), "--runs", "cam:bf16", "calm-em:bf16", "--seeds", "0",
                              "--eval-args", "--benchmark wsol remove-classify",
@@ -324,7 +325,9 @@ def test_seeds_summary_reads_the_headline(tmp_path):
     with pytest.raises(SystemExit, match="METHOD=ARGS"):
         seeds.method_eval_args(seeds.parse_args(["--method-eval-args", "--gradient vanilla"]))
 
-    table = seeds.summarise(args, tmp_path)["table"]["cam:bf16"]
+    summary = seeds.summarise(args, tmp_path)
+    assert summary["commands"] == {"cam-bf16-seed0": "calm-fast eval --seed-0", "cam-bf16-seed1": "calm-fast eval --seed-1"}
+    table = summary["table"]["cam:bf16"]
     assert set(table) == {"class.max_box_acc_v2", "class.r_10"}
     assert table["class.max_box_acc_v2"]["mean"] == 55.0 and table["class.r_10"]["min"] == 0.25
     assert table["class.max_box_acc_v2"]["std"] == pytest.approx(np.std([50.0, 60.0], ddof=1))

@@ -460,6 +460,7 @@ def test_two_gloo_ranks_give_exactly_the_one_rank_result(experiment, monkeypatch
     assert results_one["maps"] == results_two["maps"]
     assert set(results_one["maps"]) == {"joint", "posterior", "prior", "class"}
     assert results_two["world_size"] == 2
+    assert results_two["command"].startswith("calm-fast eval ") and "eval.batch_size=1" in results_two["command"]
 
     # Every report file is there, and nothing half-written is left.
     for kind in results_one["maps"]:

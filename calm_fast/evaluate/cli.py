@@ -66,6 +66,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -250,7 +252,9 @@ def _run(args, cfg: Config, checkpoint: Path | None, state_dict: dict[str, torch
     share_cpu_threads(world)
     settings = EvalSettings.from_config(cfg, per_class=args.per_class, overlay_count=args.overlays,
                                         save_maps=args.save_maps, wsol=Benchmark.WSOL in cfg.eval.benchmarks)
-    info: dict[str, Any] = {"world_size": world.world_size, "benchmarks": list(cfg.eval.benchmarks)}
+    # The command as typed (after the program name), so that every results.json says how it was made.
+    info: dict[str, Any] = {"command": shlex.join(["calm-fast", *sys.argv[1:]]), "world_size": world.world_size,
+                            "benchmarks": list(cfg.eval.benchmarks)}
     first_pass = settings.wsol or bool(cue_kinds)  # WSOL and cue share the model's one forward pass per image
     num_classes = cfg.data.num_classes
     if args.baseline:
