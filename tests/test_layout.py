@@ -1,7 +1,9 @@
-"""The source tree as the README describes it: one line per module in its Architecture section."""
+"""The source tree: as the README's Architecture section lists it (one line per module), and the one import
+rule that lint-imports cannot check (who may import the kernels)."""
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -51,3 +53,60 @@ def test_the_readme_architecture_names_every_module_once_and_no_other():
     stale = set(listed) - modules
     assert not missing, f"modules missing from the README's Architecture: {sorted(missing)}"
     assert not stale, f"README Architecture lines naming no module: {sorted(stale)}"
+
+
+# The head dispatches to the kernels; the head benchmark and its checks time and test them directly. Every
+# other module goes through calm_fast.head. lint-imports cannot enforce this: it lints kernels/ as the
+# top-level package `kernels`, and `calm_fast.kernels` (installed from that folder) is not in its graph.
+KERNEL_IMPORTERS = {"calm_fast/head.py", "calm_fast/bench/head.py", "calm_fast/bench/head_checks.py"}
+
+
+def _imported_modules(source: str, package: list[str]) -> set[str]:
+    """Every module an import statement of `source` names, for a module of `package` (relative imports
+    resolved; `from A import B` gives both A and A.B, since B may be a submodule)."""
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package[:len(package) - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            names.add(module)
+            names.update(f"{module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def _imports_kernels(modules: set[str]) -> bool:
+    return any(name.split(".")[:2] == ["calm_fast", "kernels"] or name.split(".")[0] == "kernels"
+               for name in modules)
+
+
+def test_only_the_head_and_its_benchmark_import_the_kernels():
+    importers = set()
+    for module in _source_modules():
+        path = Path(module)
+        if path.parts[0] == "calm_fast":
+            # A module's package is its folder (for an __init__.py too).
+            if _imports_kernels(_imported_modules((ROOT / path).read_text(), list(path.parts[:-1]))):
+                importers.add(module)
+    assert "calm_fast/head.py" in importers  # the scan sees the lazy imports inside functions
+    assert importers <= KERNEL_IMPORTERS, (
+        f"{sorted(importers - KERNEL_IMPORTERS)} import calm_fast.kernels; go through calm_fast.head instead")
+
+
+def test_the_kernel_import_scan_sees_every_spelling():
+    """Absolute, from-package and relative spellings of a kernels import are found; other imports are not."""
+    spellings = {
+        "from calm_fast.kernels.calm_head import calm_head": True,
+        "from calm_fast import kernels": True,
+        "import calm_fast.kernels.calm_loss as fused": True,
+        "from ..kernels import calm_loss": True,
+        "from .. import kernels": True,
+        "import kernels.calm_head": True,
+        "from calm_fast import head": False,
+        "from calm_fast.head import calm_loss": False,
+        "from .kernels import x": False,  # calm_fast.evaluate.kernels, not the kernels package
+    }
+    for line, expected in spellings.items():
+        source = f"def lazily():\n    {line}\n"
+        assert _imports_kernels(_imported_modules(source, ["calm_fast", "evaluate"])) is expected, line
