@@ -27,7 +27,7 @@ from rich.table import Table
 
 from calm_fast.atomic import write_json
 from calm_fast.config import load_config
-from calm_fast.evaluate.job import headline
+from calm_fast.evaluate.headline import map_headline
 from calm_fast.modes import Baseline, Method
 
 METHODS = (Method.CALM_EM, Method.CAM)  # the demo's two trained models
@@ -113,10 +113,6 @@ def _last_record(path: Path, kind: str) -> dict:
     return last
 
 
-def _headline(results: dict, map_name: str) -> dict:
-    return headline(results["maps"][map_name])
-
-
 def main(args: argparse.Namespace) -> int:
     overrides = [*args.overrides, f"data.root={args.data}"]
     cfg = load_config(args.config, overrides)
@@ -139,13 +135,13 @@ def main(args: argparse.Namespace) -> int:
         _check(_cli("eval", "--run", str(run_dir), *overrides, "--split", "test"), f"evaluating {method}")
         results = json.loads((run_dir / "eval" / "test" / "results.json").read_text())
         map_name = next(iter(results["maps"]))
-        rows[f"{method} ({map_name} map)"] = _headline(results, map_name)
+        rows[f"{method} ({map_name} map)"] = map_headline(results["maps"][map_name])
     baseline_dir = run_root / "baselines"
     _check(_cli("eval", "-c", args.config, *overrides, "--baseline", *Baseline, "--split", "test",
                 "--out", str(baseline_dir)), "evaluating the baselines")
     results = json.loads((baseline_dir / "results.json").read_text())
     for name in Baseline:
-        rows[f"{name} baseline"] = _headline(results, name)
+        rows[f"{name} baseline"] = map_headline(results["maps"][name])
 
     verdict = _verdict(rows)
     summary = {"rows": rows, "target": verdict, "seconds": round(time.perf_counter() - started, 1),

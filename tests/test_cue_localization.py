@@ -16,7 +16,8 @@ import torch
 from calm_fast.evaluate.attribution.cue import CueLocalization
 from calm_fast.data import cub_parts
 from calm_fast.data.cue_truth import NO_PART, SyntheticCueTruth, build_pairs
-from calm_fast.data.metadata import MetadataError, read_split
+from calm_fast.data.metadata import read_split
+from calm_fast.data.metadata_files import MetadataError
 from calm_fast.head import all_class_maps, attribution_map
 from calm_fast.metrics.cue import CuePixelAP
 from calm_fast.metrics.cue_bins import (

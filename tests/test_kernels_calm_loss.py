@@ -16,10 +16,18 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from calm_fast import head
-from calm_fast.modes import Prior
+from calm_fast.modes import Method, Prior
+from calm_fast.kernels import calm_loss as loss_kernel
 from calm_fast.kernels.calm_loss import calm_loss
 
 LAYOUTS = ("contiguous", "channels_last", "strided", "merged")
+
+
+def test_the_fused_loss_implements_the_objective_of_every_calm_method():
+    # kernels/ cannot import calm_fast.modes, so its own list must agree with the modes (CAM's objective,
+    # plain cross-entropy, never reaches the fused kernel).
+    calm_objectives = {method.objective for method in Method if method.has_location_head}
+    assert set(loss_kernel.OBJECTIVES) == calm_objectives
 
 
 def make_inputs(batch, classes, height, width, layout, dtype, seed, scale=3.0):

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from calm_fast.data.metadata import MetadataError, default_image_root, default_metadata_root, read_split
+from calm_fast.data.metadata import default_image_root, default_metadata_root, read_split
+from calm_fast.data.metadata_files import MetadataError
 
 IDS = ["a/1.jpg", "a/2.jpg", "b/3.jpg"]
 SIZES = {"a/1.jpg": (40, 30), "a/2.jpg": (50, 60), "b/3.jpg": (20, 20)}

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from calm_fast.data.metadata import MetadataError, read_split
+from calm_fast.data.metadata import read_split
+from calm_fast.data.metadata_files import MetadataError
 
 
 REPO = Path(__file__).resolve().parents[1]

@@ -161,7 +161,7 @@ def test_bad_loader_arguments(tmp_path):
 @pytest.mark.parametrize("train", [True, False])
 def test_an_image_whose_size_differs_from_image_sizes_txt_is_refused(tmp_path, train):
     """As `calm-fast convert` refuses it: the boxes, given in the listed frame, would be misplaced."""
-    from calm_fast.data.metadata import MetadataError
+    from calm_fast.data.metadata_files import MetadataError
 
     split = make_split(tmp_path, {"a.png": Image.new("RGB", (8, 6)), "b.png": Image.new("RGB", (9, 7))})
     (split.metadata_dir / "image_sizes.txt").write_text("a.png,8,6\nb.png,7,9\n")  # b is 9x7, not 7x9

@@ -41,7 +41,7 @@ from calm_fast.evaluate.attribution.model_fns import model_classifier, model_sco
 from calm_fast.evaluate.attribution.remove_classify import remove_and_classify
 from calm_fast.metrics.remove_classify import FRACTIONS, RemoveClassifyCounts
 from calm_fast.models import build_model
-from calm_fast.modes import Precision
+from calm_fast.modes import Method, Precision
 
 TARGETS = {"remove_classify_overhead": 0.2, "gradient_slowdown": 1.5}
 
@@ -69,7 +69,7 @@ PRESETS = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=tuple(PRESETS), default="cpu", help="sizes to measure (default cpu)")
-    parser.add_argument("--method", choices=("cam", "calm-em", "calm-ml"), help="model method (default: preset's)")
+    parser.add_argument("--method", choices=tuple(Method), help="model method (default: preset's)")
     parser.add_argument("--images", type=int, help="images per batch (default: preset's)")
     parser.add_argument("--max-batch", type=int, help="model inputs per forward/backward (default: preset's)")
     parser.add_argument("--repeats", type=int, help="timed repetitions; the fastest is reported")

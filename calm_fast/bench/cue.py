@@ -34,6 +34,7 @@ from calm_fast.evaluate.maps import ModelMaps
 from calm_fast.evaluate.scoring import EvalSettings
 from calm_fast.metrics.cue_bins import ThresholdGrid
 from calm_fast.models import build_model
+from calm_fast.modes import CueGrid
 
 TARGET_RATIO = 2.0
 DATASET = "CUEBENCH"
@@ -44,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", type=int, default=1000, help="test images (default 1000)")
     parser.add_argument("--num-classes", type=int, default=8)
     parser.add_argument("--map-kinds", nargs="+", default=["joint"], help="maps scored by the cue pass")
-    parser.add_argument("--grid", choices=("log", "linear"), default="log")
+    parser.add_argument("--grid", choices=tuple(CueGrid), default=CueGrid.LOG)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2, help="loader processes")
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions of each pass; medians reported")

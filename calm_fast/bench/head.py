@@ -42,7 +42,7 @@ import torch
 from calm_fast import head
 from calm_fast.atomic import write_json
 from calm_fast.bench.head_checks import merge_maps, run_checks
-from calm_fast.modes import Precision, Prior
+from calm_fast.modes import Objective, Precision, Prior
 
 PAPER_SHAPES = ("64x200x28x28", "64x1000x28x28", "256x200x28x28", "256x1000x28x28")
 SMOKE_SHAPES = ("2x10x3x5",)
@@ -96,7 +96,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=tuple(Precision), default=Precision.BF16,
                         help="input precision of S and a (as train.precision names it)")
     parser.add_argument("--prior", choices=tuple(Prior), default=Prior.RELU)
-    parser.add_argument("--objective", choices=("em", "ml"), default="em", help="the loss timed fwd+bwd")
+    parser.add_argument("--objective", choices=(Objective.EM, Objective.ML), default=Objective.EM,
+                        help="the loss timed fwd+bwd (the fused kernel's objectives: CALM-EM's and CALM-ML's)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="also time the torch.compile paths (default: on GPU only)")
     parser.add_argument("--rep", type=int, default=None, help="steps per repeat (default 20 on GPU, 2 on cpu)")

@@ -30,12 +30,11 @@ from rich.table import Table
 
 from calm_fast import head
 from calm_fast.atomic import write_json
-from calm_fast.modes import Prior
+from calm_fast.modes import Precision, Prior
 
 VARIANTS = ("cam", "calm-em fused", "calm-em eager", "calm-em compiled")
 GPU_PRESETS = ("resnet50:224:64", "tiny_resnet:224:256")
 CPU_PRESETS = ("tiny_resnet:112:32",)
-PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"heads: backbones, input sizes and batches (default {' '.join(GPU_PRESETS)} on GPU, "
                              f"{' '.join(CPU_PRESETS)} on CPU)")
     parser.add_argument("--classes", type=int, default=200, help="heads: number of classes (CUB: 200)")
-    parser.add_argument("--precision", choices=tuple(PRECISIONS), default="bf16", help="heads: weights and inputs")
+    parser.add_argument("--precision", choices=tuple(Precision), default=Precision.BF16,
+                        help="heads: weights and inputs")
     parser.add_argument("--prior", choices=tuple(Prior), default=Prior.RELU, help="heads: CALM prior")
     parser.add_argument("--heads-device", choices=("auto", "cuda", "cpu"), default="auto",
                         help="heads: where to run (auto: cuda when available)")
@@ -89,7 +89,7 @@ def _build_step(variant, backbone, pixels, batch, args, device):
     from calm_fast.models import build_model  # lazy: every `calm-fast` command imports the bench parts
 
     torch.manual_seed(0)
-    dtype = PRECISIONS[args.precision]
+    dtype = Precision(args.precision).dtype
     model = build_model(backbone, args.classes, "cam" if variant == "cam" else "calm-em").to(device, dtype)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, nesterov=True, weight_decay=1e-4)
     images = torch.randn(batch, 3, pixels, pixels, device=device, dtype=dtype).contiguous(

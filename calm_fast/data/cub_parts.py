@@ -24,7 +24,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from calm_fast.data.cue_truth import CUE_SIZE, EVALUATED_GROUPS, NO_PART, CuePairs, build_pairs
-from calm_fast.data.metadata import MetadataError, WSOLSplit
+from calm_fast.data.metadata import WSOLSplit
+from calm_fast.data.metadata_files import MetadataError
 
 PART_GROUPS = ("head", "back", "belly", "breast", "tail", "leg", "wing")  # label l = PART_GROUPS[l]
 GROUP_KEYWORDS = {

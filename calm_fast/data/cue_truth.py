@@ -21,7 +21,8 @@ from typing import Protocol
 import cv2
 import numpy as np
 
-from calm_fast.data.metadata import MetadataError, WSOLSplit
+from calm_fast.data.metadata import WSOLSplit
+from calm_fast.data.metadata_files import MetadataError
 
 CUE_SIZE = 224  # the frame of score maps and masks, as for every WSOL metric
 NO_PART = 255  # label of a pixel that belongs to no part (never positive)

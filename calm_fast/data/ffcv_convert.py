@@ -50,12 +50,12 @@ from calm_fast.data.ffcv_writer import WriterStopped, run_writer
 from calm_fast.data.images import MAX_STORED_SIDE, ImageProblem, load_for_storage
 from calm_fast.data.metadata import (
     SPLITS,
-    MetadataError,
     WSOLSplit,
     default_image_root,
     default_metadata_root,
     read_split,
 )
+from calm_fast.data.metadata_files import MetadataError
 from calm_fast.distributed import usable_cores
 from calm_fast.errors import UserError
 from calm_fast.modes import WriteMode, choices

@@ -1,3 +1,3 @@
 """Evaluation of WSOL maps: map sources (`maps`, `baselines`), scoring and the cross-rank sum
-(`scoring`), the per-rank job (`job`), the report files (`reports`), `calm-fast eval` (`cli`) and the
-attribution benchmarks (`attribution`)."""
+(`scoring`), the per-rank job (`job`), the numbers-only headline (`headline`), the report files
+(`reports`), `calm-fast eval` (`cli`) and the attribution benchmarks (`attribution`)."""

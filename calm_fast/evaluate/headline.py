@@ -1,6 +1,9 @@
-"""The compact "headline" of an evaluation's results.json: the numbers people compare across runs and seeds,
-numbers only, per map source (a model map kind, "grad-<method>", "control-<name>", a baseline):
-MaxBoxAccV2, top-1 classification, PxAP (WSOL); cue-localization PxAP per group and the pair-weighted
+"""The headline of an evaluation: the numbers people quote and compare across runs and seeds, numbers only.
+
+`map_headline` gives one map's WSOL numbers (top-1 classification, MaxBoxAcc (v1, IoU 0.5), MaxBoxAccV2,
+top-1 localisation (v1), PxAP): what `evaluate_model` returns to validation and what the demo prints.
+`headline_numbers` gives results.json's "headline", per map source (a model map kind, "grad-<method>",
+"control-<name>", a baseline): those WSOL numbers; cue-localization PxAP per group and the pair-weighted
 mean (when cue localization ran); R_k per erased percentage k (remove-and-classify); plus the clean and
 random accuracies of remove-and-classify. A number that does not apply is left out, never None, so a
 reader can average every key it finds (benchmarks/seeds.py does).
@@ -17,14 +20,23 @@ def _put(out: dict, key: str, value) -> None:
         out[key] = float(value)
 
 
+def map_headline(metrics: dict[str, Any]) -> dict[str, float]:
+    """The WSOL numbers of one map's results (`MapMetrics.results`), each only where it applies."""
+    row: dict[str, float] = {}
+    box = metrics.get("box") or {}
+    _put(row, "cls_top1_acc", metrics.get("cls_top1_acc"))
+    _put(row, "max_box_acc", box.get("max_box_acc"))
+    _put(row, "max_box_acc_v2", box.get("max_box_acc_v2"))
+    _put(row, "top1_loc", (box.get("v1") or {}).get("top1_loc"))
+    _put(row, "pxap", (metrics.get("mask") or {}).get("pxap"))
+    return row
+
+
 def headline_numbers(results: dict[str, Any]) -> dict[str, Any]:
     """{map source: {metric: number}} plus "remove-classify": {clean_accuracy, random_accuracy_<k>}."""
     out: dict[str, dict[str, float]] = {}
     for name, metrics in (results.get("maps") or {}).items():
-        row = out.setdefault(name, {})
-        _put(row, "max_box_acc_v2", (metrics.get("box") or {}).get("max_box_acc_v2"))
-        _put(row, "cls_top1_acc", metrics.get("cls_top1_acc"))
-        _put(row, "pxap", (metrics.get("mask") or {}).get("pxap"))
+        out.setdefault(name, {}).update(map_headline(metrics))
     for name, cue in ((results.get("cue") or {}).get("maps") or {}).items():
         row = out.setdefault(name, {})
         for group, values in (cue.get("groups") or {}).items():

@@ -19,6 +19,7 @@ from calm_fast.config import Config, effective_map_kind
 from calm_fast.console import track
 from calm_fast.data.loaders import build_eval_loader
 from calm_fast.evaluate.attribution.cue import CueLocalization
+from calm_fast.evaluate.headline import map_headline
 from calm_fast.evaluate.maps import MapFn, ModelMaps, images_to_uint8
 from calm_fast.evaluate.scoring import EvalSettings, MapMetrics, all_reduce_states, as_numpy, gather_to_all
 from calm_fast.metrics import load_gt_mask, normalize_scoremaps, rescale_boxes
@@ -221,9 +222,9 @@ def evaluate_model(model: torch.nn.Module, split, cfg: Config, world=None, dtype
     is initialised.
 
     Returns the headline numbers of the first map kind (default: the config's) as top-level scalars
-    (`cls_top1_acc`, `max_box_acc`, `max_box_acc_v2`, `top1_loc` (v1: IoU 0.5, one box), `pxap`;
-    absent when they do not apply), plus "map_kind", "num_images" and "maps" (every kind's full
-    results) and "evaluation" (the `Evaluation`). The model's train/eval mode is restored afterwards.
+    (`calm_fast.evaluate.headline.map_headline`: `cls_top1_acc`, `max_box_acc`, `max_box_acc_v2`,
+    `top1_loc` (v1: IoU 0.5, one box), `pxap`; absent when they do not apply), plus "map_kind",
+    "num_images" and "maps" (every kind's full results) and "evaluation" (the `Evaluation`). The model's train/eval mode is restored afterwards.
     """
     device = world.device if world is not None else next(model.parameters()).device
     map_kinds = tuple(map_kinds or (effective_map_kind(cfg),))
@@ -238,22 +239,6 @@ def evaluate_model(model: torch.nn.Module, split, cfg: Config, world=None, dtype
         evaluation = evaluate_maps(source, split, loader, settings, progress=progress, heartbeat=heartbeat)
     finally:
         model.train(was_training)
-    return {**headline(evaluation.results[map_kinds[0]]), "map_kind": map_kinds[0],
+    return {**map_headline(evaluation.results[map_kinds[0]]), "map_kind": map_kinds[0],
             "num_images": evaluation.num_images, "maps": evaluation.results, "evaluation": evaluation}
 
-
-def headline(results: dict[str, Any]) -> dict[str, float]:
-    """The few numbers people quote, from one map's results (keys absent when they do not apply)."""
-    out = {}
-    if results.get("cls_top1_acc") is not None:
-        out["cls_top1_acc"] = results["cls_top1_acc"]
-    box = results.get("box")
-    if box:
-        out["max_box_acc"] = box["max_box_acc"]
-        out["max_box_acc_v2"] = box["max_box_acc_v2"]
-        if box["v1"]["top1_loc"] is not None:
-            out["top1_loc"] = box["v1"]["top1_loc"]
-    mask = results.get("mask")
-    if mask and mask.get("pxap") is not None:
-        out["pxap"] = mask["pxap"]
-    return out
