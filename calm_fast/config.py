@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from calm_fast.atomic import atomic_write_text
-from calm_fast.errors import UserError
+from calm_fast.errors import UserError, not_utf8_message
 from calm_fast.modes import (
     CAM_MAPS_ONLY,
     Benchmark,
@@ -222,9 +222,11 @@ def _read_toml_chain(path: Path, seen: tuple[Path, ...]) -> tuple[dict, dict]:
         chain = " -> ".join(str(p) for p in (*seen, resolved))
         raise ConfigError(f"{path}: `extends` forms a cycle ({chain})")
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except OSError as error:
         raise ConfigError(f"{path}: cannot read config ({error.strerror})") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(not_utf8_message(path, error)) from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:

@@ -32,6 +32,15 @@ class InputFileError(UserError, OSError):
     """An input file (an image, a mask) that exists but cannot be read."""
 
 
+def not_utf8_message(path, error: UnicodeDecodeError) -> str:
+    """`PATH:LINE: not UTF-8 text (...)` for a text file that failed to decode: the line and column of the
+    first bad byte, so the user can find it."""
+    data = error.object  # the bytes decoded (after a byte-order mark): error.start counts from there
+    line_no = data.count(b"\n", 0, error.start) + 1
+    column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
+    return f"{path}:{line_no}: not UTF-8 text (byte 0x{data[error.start]:02x} at column {column}: {error.reason})"
+
+
 # OSErrors about a path the user chose (a missing data folder, a run_dir they may not write, a full disk).
 _USER_OS_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
 _USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENAMETOOLONG}

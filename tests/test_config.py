@@ -73,6 +73,13 @@ def test_overrides_apply_last_and_parse_toml_values(tmp_path):
     assert cfg.run_dir == "runs/x" and cfg.train.max_steps == 7
 
 
+def test_a_config_that_is_not_utf8_names_file_and_line(tmp_path):
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b"[optim]\nlr = 0.1  # \xe9t\xe9\n")
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(path))}:2: not UTF-8 text \(byte 0xe9 at column 13"):
+        load_config(path)
+
+
 def test_parse_override_rejects_missing_equals():
     with pytest.raises(ConfigError, match="section.key=value"):
         parse_override("optim.lr")

@@ -240,6 +240,9 @@ def test_cub_files_errors_name_file_and_line(cub, tmp_path):
     with pytest.raises(MetadataError, match=r"part_locs.txt:2: second location"):
         (tmp_path / "part_locs.txt").write_text("1 1 3.0 4.0 1\n1 1 3.0 4.0 0\n")
         cub_parts.read_part_locations(tmp_path / "part_locs.txt", 15)
+    with pytest.raises(MetadataError, match=r"parts.txt:2: not UTF-8 text \(byte 0xe9 at column 4"):
+        (tmp_path / "parts.txt").write_bytes(b"1 back\n2 b\xe9ak\n")  # Latin-1, not UTF-8
+        cub_parts.read_part_names(tmp_path / "parts.txt")
 
 
 def test_cub_missing_segmentation_or_image_is_named(cub):

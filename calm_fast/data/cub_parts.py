@@ -26,6 +26,7 @@ from PIL import Image, UnidentifiedImageError
 from calm_fast.data.cue_truth import CUE_SIZE, EVALUATED_GROUPS, NO_PART, CuePairs, build_pairs
 from calm_fast.data.metadata import WSOLSplit
 from calm_fast.data.metadata_files import MetadataError
+from calm_fast.errors import not_utf8_message
 
 PART_GROUPS = ("head", "back", "belly", "breast", "tail", "leg", "wing")  # label l = PART_GROUPS[l]
 GROUP_KEYWORDS = {
@@ -55,7 +56,10 @@ def attribute_groups(name: str) -> int:
 def _lines(path: Path) -> list[str]:
     if not path.is_file():
         raise MetadataError(f"{path}: required CUB file is missing")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = path.read_bytes().decode("utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise MetadataError(not_utf8_message(path, error)) from None
     while lines and not lines[-1].strip():
         lines.pop()
     return lines

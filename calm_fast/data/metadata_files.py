@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from calm_fast.errors import UserError
+from calm_fast.errors import UserError, not_utf8_message
 
 
 class MetadataError(UserError, ValueError):
@@ -59,11 +59,7 @@ def read_lines(path: Path, required: bool = True) -> list[str] | None:
     try:
         text = data.decode("utf-8-sig")  # -sig: a byte-order mark is not part of the first path
     except UnicodeDecodeError as error:
-        decoded = error.object  # the bytes after a byte-order mark: error.start counts from there
-        line_no = decoded.count(b"\n", 0, error.start) + 1
-        column = error.start - (decoded.rfind(b"\n", 0, error.start) + 1) + 1
-        raise MetadataError(f"{path}:{line_no}: not UTF-8 text (byte 0x{decoded[error.start]:02x} at column "
-                            f"{column}: {error.reason})") from None
+        raise MetadataError(not_utf8_message(path, error)) from None
     lines = text.splitlines()
     # A trailing empty line is harmless; an empty line inside the file is an error found by the callers.
     while lines and not lines[-1].strip():
