@@ -45,6 +45,10 @@ def write_reports(evaluation: Evaluation, split, out_dir: Path, info: dict[str, 
                **(sections or {})}
     if evaluation.cue is not None:
         results["cue"] = evaluation.cue.results(cumulative=cue_cumulative)
+        # The cost of its rows of gradient and control maps (those of the model's maps: cost.benchmarks.cue).
+        attribution_cue = (results.get("attribution") or {}).get("cue")
+        if attribution_cue:
+            results["cue"]["attribution_cost"] = attribution_cue["cost"]
     results["headline"] = headline_numbers(results)
     write_json(out_dir / "results.json", results)
     save_npz(out_dir / "metric_state.npz", **{f"{name}/{key}": value for name, state in evaluation.state.items()
