@@ -21,6 +21,7 @@ from calm_fast.evaluate.attribution.benchmarks import (
 )
 from calm_fast.evaluate.attribution.cue import ClassMapRows, CueLocalization
 from calm_fast.evaluate.attribution.gradients import GradientSettings, samples_per_image
+from calm_fast.evaluate.reports import cue_overlay_items
 from calm_fast.evaluate.scoring import EvalSettings
 
 R = 224
@@ -99,12 +100,12 @@ def _run(layout, options: AttributionOptions, batch_size: int = 2):
 METHODS = ("vanilla", "ig-reference", "smoothgrad", "vargrad")
 
 
-@pytest.mark.parametrize("batch_size", [1, 2])
-def test_gradient_cue_pxap_of_a_linear_model_by_hand(layout, batch_size):
-    settings = GradientSettings(ig_steps=2, smooth_samples=3, max_batch=5)
+def test_gradient_cue_pxap_of_a_linear_model_by_hand(layout):
+    # both images in one batch; 5 inputs per forward, so a chunk mixes classes and images
+    settings = GradientSettings(ig_steps=1, smooth_samples=2, max_batch=5)
     options = AttributionOptions(remove_classify=False, wsol=False, cue=True, gradients=METHODS,
                                  controls=("centre-gaussian", "random"), gradient=settings)
-    attribution, calls = _run(layout, options, batch_size)
+    attribution, calls = _run(layout, options)
     results = merge_into(None, attribution, 2).cue.results()
     expected = by_hand()
     assert list(results["maps"]) == [f"grad-{m}" for m in METHODS]
@@ -162,13 +163,18 @@ def test_class_rows_score_as_the_dense_maps_they_stand_for(layout):
 def test_joined_cue_reports_keep_each_maps_images_and_refuse_a_map_twice(layout):
     split, _ = layout
     truth = SyntheticCueTruth(split)
-    model_maps, gradient = CueLocalization(truth, ["class"]), CueLocalization(truth, ["grad-vanilla"])
+    model_maps = CueLocalization(truth, ["class"], overlay_count=2)
+    gradient = CueLocalization(truth, ["grad-vanilla"], overlay_count=2)
     model_maps.update({"class": torch.rand(2, 3, 7, 7)}, torch.tensor([0, 1]), torch.tensor([0, 1]))
     gradient.update({"grad-vanilla": torch.rand(1, 3, 7, 7)}, torch.tensor([0]), torch.tensor([0]))
     joined = model_maps.include(gradient)
     results = joined.results()
     assert list(results["maps"]) == ["class", "grad-vanilla"]
     assert [results["maps"][name]["num_images"] for name in results["maps"]] == [2, 1]
+    # the grid of cue maps draws each map's rows only: the gradient's subset stops at image 0
+    images = {i: np.zeros((R, R, 3), np.uint8) for i in range(2)}
+    assert {item.title.split()[0] for item in cue_overlay_items(joined, split, "grad-vanilla", images)} == {"#0"}
+    assert {item.title.split()[0] for item in cue_overlay_items(joined, split, "class", images)} == {"#0", "#1"}
     restored = CueLocalization(truth, ["class"]).include(CueLocalization(truth, ["grad-vanilla"]))
     restored.load_state(joined.state())
     assert restored.results() == results

@@ -74,6 +74,8 @@ def cue_overlay_items(cue: CueLocalization, split, name: str, images: dict[int, 
     scored, then stretched to [0, 1] for display) and the differing parts' mask, in the 224×224 frame."""
     chosen, groups_shown = [], set()
     for index, pair in sorted(cue.overlays):
+        if name not in cue.overlays[(index, pair)]:  # a map of the attribution pass, beyond its first N images
+            continue
         group = int(cue.truth.pairs.groups[pair])
         if (index, group) not in groups_shown and len(chosen) < limit:
             groups_shown.add((index, group))
