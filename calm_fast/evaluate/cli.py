@@ -88,6 +88,7 @@ from calm_fast.evaluate.attribution.benchmarks import (
     GRADIENT_METHODS,
     AttributionOptions,
     attribution_sections,
+    cue_exclusions,
     cue_map_names,
     merge_into,
     run_attribution,
@@ -290,6 +291,8 @@ def _run(args, cfg: Config, checkpoint: Path | None, state_dict: dict[str, torch
         if attribution is not None:
             loader = build_eval_loader(cfg, split, world.rank, world.world_size, world.device)
             names = cue_map_names(attribution) if attribution.cue else ()
+            if attribution.cue:  # the controls it leaves out are listed even when nothing else is scored
+                cue.excluded.update(cue_exclusions(attribution))
             extra_cue = build_cue_localization(cfg, split, names, args.overlays, truth=cue.truth) if names else None
             extra = run_attribution(model, cfg.model.method, kinds, cfg.model.prior, split, loader, attribution,
                                     settings, world.device, progress=progress, heartbeat=watchdog.beat, cue=extra_cue)
