@@ -176,6 +176,8 @@ def print_results(results: dict, console=None, per_class_limit: int = 10) -> Non
         console.print(cue_table(results["cue"], title=title))
         for line in results["cue"].get("checks", []):
             console.print(line)
+        for name, reason in (results["cue"].get("excluded") or {}).items():
+            console.print(f"{name}: not scored by cue localization: {reason}")
 
 
 # ------------------------------------------------------------------------------------------------- plots
@@ -345,12 +347,14 @@ def write_per_class_csv(path: str | os.PathLike, rows: Sequence[dict]) -> Path:
 
 def cue_table(cue: dict, title: str = "cue localization"):
     """A rich Table of cue-localization PxAP: one row per map, mean PxAP per group of class pairs (the
-    number of differing parts) with scored / evaluated pairs, and the pair-weighted mean. Maps with the
-    reference's cumulative number get a second, labelled row."""
+    number of differing parts) with scored / evaluated pairs, and the pair-weighted mean, with the images
+    each map was scored on (the gradient maps may use a subset). Maps with the reference's cumulative
+    number get a second, labelled row."""
     maps: dict = cue["maps"]
     groups = sorted({int(g) for m in maps.values() for g in m["groups"]})
     table = Table(title=title, title_justify="left", caption=next(iter(maps.values()))["grid"] if maps else None)
     table.add_column("map", style="bold")
+    table.add_column("images", justify="right")
     table.add_column("accumulator")
     for group in groups:
         table.add_column(f"{group} part{'s' if group > 1 else ''} (pairs)", justify="right")
@@ -360,7 +364,7 @@ def cue_table(cue: dict, title: str = "cue localization"):
         if metrics.get("cumulative"):
             sections.append(("cumulative (reference)", metrics["cumulative"]))
         for label, numbers in sections:
-            row = [name, label]
+            row = [name, str(metrics.get("num_images", "?")), label]
             for group in groups:
                 entry = numbers["groups"].get(group) or numbers["groups"].get(str(group))
                 row.append("–" if entry is None else

@@ -147,6 +147,9 @@ def test_command_errors_name_what_is_wrong(experiment, monkeypatch, capsys):
     assert "at least one image" in capsys.readouterr().err
     assert _cli(monkeypatch, base + ["--checkpoint", str(experiment / "weights.pt"), "eval.benchmarks=[\"box\"]"]) == 2
     assert "eval.benchmarks" in capsys.readouterr().err
+    assert _cli(monkeypatch, base + ["--checkpoint", str(experiment / "weights.pt"), "--benchmark", "cue",
+                                     "--control", "random"]) == 2
+    assert "no class-agnostic control" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------- one process: sections and numbers
@@ -339,7 +342,7 @@ def test_seeds_summary_reads_the_headline(tmp_path):
 @pytest.mark.slow
 def test_two_gloo_ranks_give_exactly_the_one_rank_result(experiment, tmp_path, monkeypatch):
     one, two = tmp_path / "one", tmp_path / "two"
-    options = ["--benchmark", "wsol", "remove-classify", "--gradient", "vanilla", "smoothgrad", "--control",
+    options = ["--benchmark", "wsol", "remove-classify", "cue", "--gradient", "vanilla", "smoothgrad", "--control",
                "random", "blurred-cam", *SMALL_GRADIENTS, "--attribution-images", "9", "--overlays", "2",
                "eval.batch_size=1"]
     # One thread and one image per batch everywhere, so the ranks compute exactly the one-process maps.
@@ -379,15 +382,28 @@ def test_two_gloo_ranks_give_exactly_the_one_rank_result(experiment, tmp_path, m
         np.testing.assert_array_equal(state_one[key], state_two[key], err_msg=key)
     results_one = json.loads((one / "results.json").read_text())
     results_two = json.loads((two / "results.json").read_text())
-    for section in ("maps", "remove_classify", "headline"):
-        if section == "remove_classify":
-            strip = lambda s: {k: v for k, v in s.items() if k != "cost"}  # noqa: E731 - timings differ
+    for section in ("maps", "remove_classify", "cue", "headline"):
+        if section in ("remove_classify", "cue"):
+            strip = lambda s: {k: v for k, v in s.items() if "cost" not in k}  # noqa: E731 - timings differ
             assert strip(results_one[section]) == strip(results_two[section])
         else:
             assert results_one[section] == results_two[section], section
     assert results_two["world_size"] == 2 and results_two["remove_classify"]["num_images"] == 9
     assert set(results_one["maps"]) == {"class", "grad-vanilla", "grad-smoothgrad", "control-random",
                                         "control-blurred-cam"}
+    # cue localization: the model's map on all 12 images, the class-dependent extra maps on the first 9
+    cue = results_one["cue"]
+    assert {name: cue["maps"][name]["num_images"] for name in cue["maps"]} == {
+        "class": 12, "grad-vanilla": 9, "grad-smoothgrad": 9, "control-blurred-cam": 9}
+    assert set(cue["excluded"]) == {"control-random"} and "control-random/images_fed" not in state_one
+    assert state_one["cue/grad-smoothgrad/images_fed"] == 9
+    for name in ("grad-vanilla", "grad-smoothgrad", "control-blurred-cam"):
+        assert results_one["headline"][name].get("cue_pxap_mean") == cue["maps"][name]["mean_pxap"]
+        assert (one / f"cue_{name}.png").is_file()
+    # every image needs its class and both partners here (3 classes, one pair per group): 3 classes x 3 inputs
+    for results in (results_one, results_two):
+        assert results["cue"]["attribution_cost"]["forward_backward_passes_per_image"] == 3 * (1 + 2)
+        assert results["attribution"]["cost"]["gradients"]["classes_per_image"] == 3
 
 
 def test_series_table_and_plot(tmp_path):

@@ -13,6 +13,7 @@ from calm_fast.evaluate.attribution.controls import blurred_maps, control_maps, 
 from calm_fast.evaluate.attribution.gradients import (
     GRADIENT_METHODS,
     GradientSettings,
+    class_gradient_maps,
     gradient_maps,
     integrated_gradients,
     samples_per_image,
@@ -162,6 +163,35 @@ def test_batched_maps_equal_a_plain_loop(max_batch):
             # The batched forward may sum in another order than one input at a time: last-bit differences.
             torch.testing.assert_close(maps[method][i].double(), expected[method], rtol=2e-5, atol=1e-9,
                                        msg=f"{method} image {i}")
+
+
+@pytest.mark.parametrize("max_batch", [5, 1000])
+def test_maps_of_chosen_classes_equal_one_label_at_a_time(max_batch):
+    """Targets (image, class) of any classes in one run: each map is gradient_maps' with that class as the
+    label (the classes of an image share its noise), and only the chosen targets are run through the model."""
+    model = SmoothNet(classes=4)
+    inputs_seen = []
+
+    def score(images, labels):
+        inputs_seen.append(len(images))
+        return label_score(model)(images, labels)
+
+    images, indices = _images(3, 8, seed=7), [5, 0, 9]
+    classes = torch.tensor([[1, 0, 1, 1], [0, 1, 0, 0], [1, 1, 0, 1]], dtype=torch.bool)
+    settings = GradientSettings(ig_steps=3, smooth_samples=4, seed=2, max_batch=max_batch)
+    methods = ("vanilla", "ig-reference", "integrated-gradients", "smoothgrad", "vargrad")
+    target_image, target_class, maps = class_gradient_maps(score, images, classes, indices, methods, settings)
+    assert target_image.tolist() == [0, 0, 0, 1, 2, 2, 2] and target_class.tolist() == [0, 2, 3, 1, 0, 1, 3]
+    assert sum(inputs_seen) == 7 * samples_per_image(methods, settings)
+    for c in range(4):
+        alone = gradient_maps(label_score(model), images, torch.full((3,), c), indices, methods,
+                              GradientSettings(ig_steps=3, smooth_samples=4, seed=2, max_batch=1000))
+        for t in (target_class == c).nonzero().flatten().tolist():
+            for method in methods:
+                torch.testing.assert_close(maps[method][t], alone[method][int(target_image[t])], rtol=1e-5,
+                                           atol=1e-8, msg=f"{method} target {t}")
+    with pytest.raises(ValueError, match="bool"):
+        class_gradient_maps(score, images, classes[:2], indices, methods, settings)
 
 
 def test_smoothgrad_noise_is_keyed_on_seed_and_image_index():

@@ -40,10 +40,14 @@ Benchmarks (--benchmark, eval.benchmarks; any combination):
                    kinds, --gradient maps and --control maps. Adds the R_k table and remove_classify.png.
 wsol and cue share one pass over the split (its cost per benchmark is in results.json under "cost").
 Gradient maps ("grad-<method>") and controls ("control-<name>") are also scored by the WSOL metrics when
-wsol is asked. They run in a second pass (`calm_fast.evaluate.attribution.benchmarks`), over the first
---attribution-images samples of the split when that is given (the gradient set costs ~100 forward+backward
-passes per image); that pass's cost is in results.json under "attribution". results.json's "headline"
-holds the numbers of every benchmark per map source (`calm_fast.evaluate.headline`).
+wsol is asked, and by cue localization when cue is asked: each gradient map is then computed for the
+image's class and its pair partners' classes (the reference's published gradient rows are these cue
+numbers), the blurred CAM per class; the centred Gaussian and random controls are the same map for every
+class (a zero difference) and are listed as not scored. They run in a second pass
+(`calm_fast.evaluate.attribution.benchmarks`), over the first --attribution-images samples of the split
+when that is given (the gradient set costs ~100 forward+backward passes per image and class); that pass's
+cost is in results.json under "attribution", each cue row's image count under cue.maps.<name>.num_images.
+results.json's "headline" holds the numbers of every benchmark per map source (`calm_fast.evaluate.headline`).
 
 Map sources. `evaluate_maps(map_fn, split, loader, ...)` scores anything that turns a batch into maps:
 a model (`ModelMaps`), or a class-agnostic baseline (`BaselineMaps`: a centred Gaussian, the smoothed
@@ -57,6 +61,7 @@ Examples (config overrides go before the list options --split/--map-kind/--basel
   calm-fast eval --run runs/synthetic --benchmark wsol cue --map-kind joint class
   calm-fast eval --run runs/synthetic --benchmark wsol remove-classify --gradient vanilla smoothgrad \
       --control centre-gaussian random blurred-cam --attribution-images 200
+  calm-fast eval --run runs/cub_cam --benchmark cue --gradient vargrad smoothgrad ig-reference vanilla
   torchrun --standalone --nproc_per_node 8 -m calm_fast.cli eval --run runs/x      (or the deepspeed
       launcher with --module calm_fast.cli eval ...): 8 ranks, the same numbers as one process
 
@@ -85,6 +90,8 @@ from calm_fast.evaluate.attribution.benchmarks import (
     GRADIENT_METHODS,
     AttributionOptions,
     attribution_sections,
+    cue_exclusions,
+    cue_map_names,
     merge_into,
     run_attribution,
 )
@@ -120,7 +127,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--control", nargs="+", metavar="NAME", choices=CONTROLS, default=[],
                         help=f"control map sources: {', '.join(CONTROLS)}")
     parser.add_argument("--attribution-images", type=int, metavar="N",
-                        help="run remove-and-classify, gradients and controls on the split's first N images only")
+                        help="run remove-and-classify, gradients and controls (all their benchmarks) on the split's "
+                             "first N images only")
     parser.add_argument("--ig-steps", type=int, default=GradientSettings.ig_steps, metavar="N",
                         help="intervals of the IG path (N + 1 points; default %(default)s, as the reference)")
     parser.add_argument("--smooth-samples", type=int, default=GradientSettings.smooth_samples, metavar="N",
@@ -228,6 +236,7 @@ def _attribution_options(args: argparse.Namespace, cfg: Config) -> AttributionOp
     try:  # the options check their own values (--attribution-images, --ig-steps, --smooth-samples)
         options = AttributionOptions(
             remove_classify=Benchmark.REMOVE_CLASSIFY in benchmarks, wsol=Benchmark.WSOL in benchmarks,
+            cue=Benchmark.CUE in benchmarks,
             gradients=tuple(args.gradient), controls=tuple(args.control), images=args.attribution_images,
             gradient=GradientSettings(ig_steps=args.ig_steps, smooth_samples=args.smooth_samples,
                                       seed=cfg.train.seed),
@@ -235,7 +244,9 @@ def _attribution_options(args: argparse.Namespace, cfg: Config) -> AttributionOp
     except ValueError as error:
         raise ConfigError(str(error)) from error
     if (args.gradient or args.control) and not options.needed:
-        raise ConfigError("--gradient/--control maps need a benchmark to score them: wsol or remove-classify")
+        agnostic = " (cue localization scores no class-agnostic control: centre-gaussian, random)" if options.cue else ""
+        raise ConfigError("--gradient/--control maps need a benchmark to score them: wsol, remove-classify, or cue "
+                          f"for gradients and blurred-cam{agnostic}")
     if not options.needed:
         return None
     if args.baseline:
@@ -283,8 +294,12 @@ def _run(args, cfg: Config, checkpoint: Path | None, state_dict: dict[str, torch
                                        heartbeat=watchdog.beat)
         if attribution is not None:
             loader = build_eval_loader(cfg, split, world.rank, world.world_size, world.device)
+            names = cue_map_names(attribution) if attribution.cue else ()
+            if attribution.cue:  # the controls it leaves out are listed even when nothing else is scored
+                cue.excluded.update(cue_exclusions(attribution))
+            extra_cue = build_cue_localization(cfg, split, names, args.overlays, truth=cue.truth) if names else None
             extra = run_attribution(model, cfg.model.method, kinds, cfg.model.prior, split, loader, attribution,
-                                    settings, world.device, progress=progress, heartbeat=watchdog.beat)
+                                    settings, world.device, progress=progress, heartbeat=watchdog.beat, cue=extra_cue)
             evaluation, sections = merge_into(evaluation, extra, len(split)), attribution_sections(extra)
         default_out = Path(cfg.run_dir) / ("eval-baselines" if args.baseline else "eval") / split_name
         out_dir = Path(args.out) / split_name if args.out and len(splits) > 1 else Path(args.out or default_out)

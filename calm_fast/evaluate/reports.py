@@ -45,6 +45,10 @@ def write_reports(evaluation: Evaluation, split, out_dir: Path, info: dict[str, 
                **(sections or {})}
     if evaluation.cue is not None:
         results["cue"] = evaluation.cue.results(cumulative=cue_cumulative)
+        # The cost of its rows of gradient and control maps (those of the model's maps: cost.benchmarks.cue).
+        attribution_cue = (results.get("attribution") or {}).get("cue")
+        if attribution_cue:
+            results["cue"]["attribution_cost"] = attribution_cue["cost"]
     results["headline"] = headline_numbers(results)
     write_json(out_dir / "results.json", results)
     save_npz(out_dir / "metric_state.npz", **{f"{name}/{key}": value for name, state in evaluation.state.items()
@@ -70,6 +74,8 @@ def cue_overlay_items(cue: CueLocalization, split, name: str, images: dict[int, 
     scored, then stretched to [0, 1] for display) and the differing parts' mask, in the 224×224 frame."""
     chosen, groups_shown = [], set()
     for index, pair in sorted(cue.overlays):
+        if name not in cue.overlays[(index, pair)]:  # a map of the attribution pass, beyond its first N images
+            continue
         group = int(cue.truth.pairs.groups[pair])
         if (index, group) not in groups_shown and len(chosen) < limit:
             groups_shown.add((index, group))

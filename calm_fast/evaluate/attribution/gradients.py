@@ -16,6 +16,11 @@ The base map of an input x' is m(x') = max over RGB of |∂s_y/∂x'|, with s_y 
 Methods that need the same inputs share them: the path points serve "ig-reference", "integrated-gradients"
 and "vanilla" (α = 1 is x itself), one set of noisy samples serves the three SmoothGrad variants.
 
+`gradient_maps` takes the map of each image's label. `class_gradient_maps` takes the maps of any (image,
+class) targets, e.g. an image's own class and its cue-localization partners: every target's inputs are
+rows of the same batches (image × class × sample in one forward and one backward), and the classes of one
+image share its noise samples, so its own-class map is the one `gradient_maps` gives.
+
 Noise is drawn per image from a generator keyed on (seed, image index) (`keyed_random`), so a map does not
 depend on the batch it came in or the rank that computed it (up to the last bits of the model's own
 floating-point arithmetic at another batch size). Precision: the inputs, their gradients and every
@@ -145,11 +150,11 @@ def input_gradients(score: ScoreFn, inputs: torch.Tensor, labels: torch.Tensor,
 
 
 class _Accumulators:
-    """Per-image weighted sums in fp64: map sums for each method, squared-map sums, true IG's gradient sum."""
+    """Per-target weighted sums in fp64: map sums for each method, squared-map sums, true IG's gradient sum."""
 
-    def __init__(self, methods, batch: int, shape: tuple[int, int, int], device):
+    def __init__(self, methods, targets: int, shape: tuple[int, int, int], device):
         def zeros(*size):
-            return torch.zeros(batch, *size, dtype=torch.float64, device=device)
+            return torch.zeros(targets, *size, dtype=torch.float64, device=device)
 
         height, width = shape[1:]
         self.maps = {m: zeros(height, width) for m in methods
@@ -166,28 +171,37 @@ def _weighted_add(target: torch.Tensor, image: torch.Tensor, values: torch.Tenso
     target.index_add_(0, image, values.double() * weights.view((-1,) + (1,) * (values.dim() - 1)))
 
 
-def _run(score: ScoreFn, images: torch.Tensor, labels, indices, methods: tuple[str, ...],
-         settings: GradientSettings) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-    """The engine: (maps name -> fp32 [B, H, W], true IG's signed attribution fp32 [B, 3, H, W] or None)."""
+def _run(score: ScoreFn, images: torch.Tensor, target_image: torch.Tensor, target_class: torch.Tensor, indices,
+         methods: tuple[str, ...], settings: GradientSettings) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """The engine over targets t = (image target_image[t], class target_class[t]), ordered by image: (maps
+    name -> fp32 [T, H, W], true IG's signed attribution fp32 [T, 3, H, W] or None)."""
     if images.dim() != 4:
         raise ValueError(f"images must be [B, C, H, W], got shape {tuple(images.shape)}")
     device = images.device
     images = images.float()
     batch = images.shape[0]
-    labels = torch.as_tensor(labels, device=device).long()
     indices = [int(i) for i in torch.as_tensor(indices).tolist()]
-    if labels.shape != (batch,) or len(indices) != batch:
-        raise ValueError(f"expected {batch} labels and indices, got {tuple(labels.shape)} and {len(indices)}")
+    if len(indices) != batch:
+        raise ValueError(f"expected {batch} indices, got {len(indices)}")
+    target_image = torch.as_tensor(target_image, device=device).long()
+    target_class = torch.as_tensor(target_class, device=device).long()
+    if target_image.dim() != 1 or target_class.shape != target_image.shape:
+        raise ValueError(f"expected one class per target, got {tuple(target_image.shape)} images and "
+                         f"{tuple(target_class.shape)} classes")
+    if len(target_image) and (int(target_image.min()) < 0 or int(target_image.max()) >= batch):
+        raise IndexError(f"target images must index the {batch} images")
+    targets = len(target_image)
     plan = _plan(methods, settings)
     alphas, ig_weights = plan.alphas.to(device), plan.ig_weights.to(device)
-    num_path, per_image = len(alphas), plan.rows_per_image
+    num_path, per_target = len(alphas), plan.rows_per_image
     sigma = settings.noise_fraction * (images.amax(dim=(1, 2, 3)) - images.amin(dim=(1, 2, 3)))
-    sums = _Accumulators(methods, batch, tuple(images.shape[1:]), device)
+    sums = _Accumulators(methods, targets, tuple(images.shape[1:]), device)
     noise_of: dict[int, torch.Tensor] = {}  # image -> its noise, kept while its rows are being processed
 
-    for start in range(0, batch * per_image, settings.max_batch):
-        rows = torch.arange(start, min(start + settings.max_batch, batch * per_image), device=device)
-        image, local = rows // per_image, rows % per_image
+    for start in range(0, targets * per_target, settings.max_batch):
+        rows = torch.arange(start, min(start + settings.max_batch, targets * per_target), device=device)
+        target, local = rows // per_target, rows % per_target
+        image = target_image[target]
         on_path = local < num_path
         inputs = torch.empty((len(rows), *images.shape[1:]), dtype=torch.float32, device=device)
         inputs[on_path] = alphas[local[on_path]].view(-1, 1, 1, 1) * images[image[on_path]]
@@ -196,32 +210,33 @@ def _run(score: ScoreFn, images: torch.Tensor, labels, indices, methods: tuple[s
                 noise_of = {i: smoothgrad_noise(settings.seed, indices[i], plan.samples, images.shape[1:], device)}
             chosen = (image == i) & ~on_path
             inputs[chosen] = images[i] + sigma[i] * noise_of[i][local[chosen] - num_path]
-        gradient = input_gradients(score, inputs, labels[image], settings.autocast_dtype)
+        gradient = input_gradients(score, inputs, target_class[target], settings.autocast_dtype)
         base = gradient.abs().amax(dim=1)  # m(x') = max over RGB of |∇|, fp32 [R, H, W]
 
         path_rows = on_path.nonzero().squeeze(1)
-        path_image, path_local = image[path_rows], local[path_rows]
+        path_target, path_local = target[path_rows], local[path_rows]
         if "vanilla" in methods:
             is_vanilla = path_local == plan.vanilla_row
-            _weighted_add(sums.maps["vanilla"], path_image[is_vanilla], base[path_rows[is_vanilla]],
+            _weighted_add(sums.maps["vanilla"], path_target[is_vanilla], base[path_rows[is_vanilla]],
                           torch.ones(int(is_vanilla.sum()), dtype=torch.float64, device=device))
         if "ig-reference" in methods:
-            _weighted_add(sums.maps["ig-reference"], path_image, base[path_rows],
+            _weighted_add(sums.maps["ig-reference"], path_target, base[path_rows],
                           torch.full((len(path_rows),), 1.0 / num_path, dtype=torch.float64, device=device))
         if sums.ig_gradient is not None:
-            _weighted_add(sums.ig_gradient, path_image, gradient[path_rows], ig_weights[path_local])
+            _weighted_add(sums.ig_gradient, path_target, gradient[path_rows], ig_weights[path_local])
         noise_rows = (~on_path).nonzero().squeeze(1)
         if plan.samples and len(noise_rows):
             weight = torch.full((len(noise_rows),), 1.0 / plan.samples, dtype=torch.float64, device=device)
-            _weighted_add(sums.maps["smoothgrad"], image[noise_rows], base[noise_rows], weight)
+            _weighted_add(sums.maps["smoothgrad"], target[noise_rows], base[noise_rows], weight)
             if sums.squares is not None:
-                _weighted_add(sums.squares, image[noise_rows], base[noise_rows].double().square(), weight)
+                _weighted_add(sums.squares, target[noise_rows], base[noise_rows].double().square(), weight)
 
     maps = {}
     attribution = None
     for method in methods:
         if method == "integrated-gradients":
-            attribution = (images.double() * sums.ig_gradient).float()  # (x − 0) ⊙ path-averaged gradient
+            # (x − 0) ⊙ path-averaged gradient
+            attribution = (images.double()[target_image] * sums.ig_gradient).float()
             maps[method] = attribution.abs().amax(dim=1)
         elif method == "vargrad":
             # fp64 keeps the cancellation small; clamp the last-bit negatives of a zero variance.
@@ -240,11 +255,34 @@ def gradient_maps(score: ScoreFn, images: torch.Tensor, labels, indices, methods
     images: normalised [B, 3, H, W] on the model's device; labels [B]; indices [B], the images' indices in
     the split (they key the SmoothGrad noise); methods: any of GRADIENT_METHODS (shared inputs computed once).
     """
-    return _run(score, images, labels, indices, check_methods(methods), settings)[0]
+    labels = torch.as_tensor(labels, device=images.device).long()
+    if labels.shape != (images.shape[0],):
+        raise ValueError(f"expected {images.shape[0]} labels, got shape {tuple(labels.shape)}")
+    own = torch.arange(images.shape[0], device=images.device)
+    return _run(score, images, own, labels, indices, check_methods(methods), settings)[0]
+
+
+def class_gradient_maps(score: ScoreFn, images: torch.Tensor, classes, indices, methods: Sequence[str],
+                        settings: GradientSettings = GradientSettings()
+                        ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Gradient maps of chosen classes of each image: (target images [T], target classes [T], method -> fp32
+    [T, H, W]), the targets being the True cells of `classes` (bool [B, K]) in row-major order.
+
+    The map of target (i, c) is the one `gradient_maps` gives for image i with label c (the same noise
+    samples: they are keyed on the image, not the class); all targets' inputs share the batches.
+    """
+    needed = torch.as_tensor(classes, device=images.device)
+    if needed.dim() != 2 or needed.shape[0] != images.shape[0]:
+        raise ValueError(f"classes must be bool [B={images.shape[0]}, K], got shape {tuple(needed.shape)}")
+    target_image, target_class = needed.bool().nonzero(as_tuple=True)  # row-major: ordered by image
+    maps = _run(score, images, target_image, target_class, indices, check_methods(methods), settings)[0]
+    return target_image, target_class, maps
 
 
 def integrated_gradients(score: ScoreFn, images: torch.Tensor, labels, settings: GradientSettings = GradientSettings()
                          ) -> torch.Tensor:
     """True IG's signed attribution x ⊙ path-average of ∇s_y (zero baseline), fp32 [B, 3, H, W]."""
+    labels = torch.as_tensor(labels, device=images.device).long()
     indices = list(range(images.shape[0]))  # no noise on the path: the indices key nothing here
-    return _run(score, images, labels, indices, ("integrated-gradients",), settings)[1]
+    own = torch.arange(images.shape[0], device=images.device)
+    return _run(score, images, own, labels, indices, ("integrated-gradients",), settings)[1]
