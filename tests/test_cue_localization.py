@@ -508,6 +508,18 @@ def test_bad_inputs_are_named(cub):
         build_pairs(np.zeros((2, 2), np.int64), [str(i) for i in range(64)])
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_map_is_refused_naming_the_sample(cub, value):
+    from calm_fast.errors import NonFiniteMapError
+
+    cub_root, split = cub
+    maps = cub_maps(split)
+    maps[0, 1, 3, 3] = value  # image 0's map of class 1: in the differences of image 0's pairs with class 1
+    cue = CueLocalization(cub_parts.CubCueTruth(cub_root, split), ["class"])
+    with pytest.raises(NonFiniteMapError, match=r"the 'class' map of sample 0 is not finite .* class pair \(0, 1\)"):
+        cue.update({"class": maps}, torch.from_numpy(split.labels), torch.arange(3))
+
+
 def test_needed_classes_and_kept_overlays(cub):
     cub_root, split = cub
     truth = cub_parts.CubCueTruth(cub_root, split)

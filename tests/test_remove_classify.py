@@ -133,10 +133,13 @@ def test_ties_are_broken_by_a_seeded_order_that_respects_the_values():
     assert len(first.unique()) >= 8
 
 
-def test_nan_maps_are_refused():
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_maps_are_refused(value):
+    from calm_fast.errors import NonFiniteMapError
+
     maps = torch.zeros(1, 4, 4)
-    maps[0, 1, 1] = float("nan")
-    with pytest.raises(ValueError, match="NaN"):
+    maps[0, 1, 1] = value
+    with pytest.raises(NonFiniteMapError, match="NaN or ±inf"):
         pixel_ranks(maps, [0])
 
 

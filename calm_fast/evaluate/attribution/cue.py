@@ -24,10 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from calm_fast.config import Config
+from calm_fast.config import Config, ConfigError
 from calm_fast.data.cub_parts import CubCueTruth
 from calm_fast.data.cue_truth import CueTruth, SyntheticCueTruth
 from calm_fast.data.metadata import WSOLSplit
+from calm_fast.errors import NonFiniteMapError
 from calm_fast.metrics.cue import CuePixelAP
 from calm_fast.metrics.cue_bins import NORMALIZATIONS, ThresholdGrid, bin_rows, bin_rows_torch
 from calm_fast.modes import CueNormalization
@@ -75,7 +76,7 @@ def cue_truth_for(cfg: Config, split: WSOLSplit) -> CueTruth:
     if split.dataset == "CUB":
         cub_root = Path(cfg.eval.cub_root or Path(cfg.data.root) / "CUB")
         return CubCueTruth(cub_root, split, cfg.eval.cub_segmentation_root or None)
-    raise ValueError(f"cue localization needs part ground truth: a synthetic dataset (synthetic.json beside "
+    raise ConfigError(f"cue localization needs part ground truth: a synthetic dataset (synthetic.json beside "
                      f"{split.metadata_dir}) or CUB with its parts and attributes; {split.dataset!r} has neither")
 
 
@@ -183,7 +184,7 @@ class CueLocalization:
                 i = absent[0]
                 raise ValueError(f"map {name!r} lacks the map of class {first[i] if low[i] < 0 else second[i]} "
                                  f"for sample {int(indices_np[image[i]])}; give every class of `needed_classes`")
-            self._score(name, flat, low, high, label_maps, image, pair)
+            self._score(name, flat, low, high, label_maps, image, pair, indices_np)
         for row in np.flatnonzero(indices_np[image] < self.overlay_count):
             key = (int(indices_np[image[row]]), int(pair[row]))
             self.overlays.setdefault(key, {}).update(
@@ -191,8 +192,9 @@ class CueLocalization:
                  .cpu().numpy() for name, (flat, row_of) in rows.items()})
 
     def _score(self, name: str, flat: torch.Tensor, low_rows: np.ndarray, high_rows: np.ndarray,
-               label_maps: np.ndarray, image: np.ndarray, pair: np.ndarray) -> None:
-        """Bin rows `flat[low_rows] - flat[high_rows]` (the maps of y1 and y2 of each row's image)."""
+               label_maps: np.ndarray, image: np.ndarray, pair: np.ndarray, samples: np.ndarray) -> None:
+        """Bin rows `flat[low_rows] - flat[high_rows]` (the maps of y1 and y2 of each row's image; `samples`:
+        the split index of each batch image, to name a broken map)."""
         device = flat.device
         use_torch = self.histogram == "torch" or (self.histogram == "auto" and device.type == "cuda")
         labels_on_device = torch.from_numpy(label_maps).to(device) if use_torch else None
@@ -205,6 +207,12 @@ class CueLocalization:
             low = flat.index_select(0, torch.from_numpy(low_rows[part]).to(device))
             high = flat.index_select(0, torch.from_numpy(high_rows[part]).to(device))
             values = low.float() - high.float()  # at the maps' resolution: resized while binning
+            finite = torch.isfinite(values).flatten(1).all(dim=1)
+            if not bool(finite.all()):  # clipping or min-max would turn NaN/±inf into plausible numbers
+                row = lo + int(np.flatnonzero(~finite.cpu().numpy())[0])
+                classes = tuple(int(c) for c in self._class_pairs[pair[row]])
+                raise NonFiniteMapError(f"the {name!r} map of sample {int(samples[image[row]])} is not finite (NaN "
+                                        f"or ±inf) for the class pair {classes}: the model's maps are broken")
             if use_torch:
                 counts = bin_rows_torch(values, labels_on_device, rows_image, torch.from_numpy(bits[part]).to(device),
                                         self.grid, mode)

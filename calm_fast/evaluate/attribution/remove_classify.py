@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from calm_fast.errors import NonFiniteMapError
 from calm_fast.evaluate.attribution.keyed_random import RANDOM_ERASURE, TIE_BREAK, key64, keyed_hash31
 from calm_fast.evaluate.attribution.model_fns import ClassifyFn, autocast_context
 from calm_fast.metrics.remove_classify import RemoveClassifyCounts, check_fractions, erased_pixel_count
@@ -61,8 +62,8 @@ def pixel_ranks(maps: torch.Tensor, indices: Sequence[int], seed: int = 0) -> to
     (seed, image index). `maps` is fp32 [B, H, W] at the input size."""
     batch = maps.shape[0]
     flat = maps.reshape(batch, -1).float()
-    if torch.isnan(flat).any():
-        raise ValueError("maps: NaN scores cannot be ranked")
+    if not bool(torch.isfinite(flat).all()):  # as every metric: a broken model's maps get no numbers
+        raise NonFiniteMapError("maps: NaN or ±inf scores (the model's maps are broken); they are not ranked")
     num_pixels = flat.shape[1]
     ties = keyed_hash31([key64(TIE_BREAK, seed, index) for index in indices], num_pixels, flat.device)
     # Descending value first (~v = -v - 1 reverses the order), then ascending tie hash (< 2^31 <= 2^32):
