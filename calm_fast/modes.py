@@ -13,8 +13,16 @@ from typing import TypeVar
 
 import torch
 
-__all__ = ["Method", "Objective", "Prior", "MapKind", "Precision", "LoaderKind", "Backend", "Schedule",
+__all__ = ["Mode", "Method", "Objective", "Prior", "MapKind", "Precision", "LoaderKind", "Backend", "Schedule",
            "DecoderMode", "WriteMode", "Baseline", "Benchmark", "CueGrid", "CueNormalization", "parse", "choices"]
+
+class Mode(enum.StrEnum):
+    """The base of every mode list: a member's repr is its quoted value, so that argparse, which lists the
+    allowed choices by repr, says `choose from 'wsol', 'cue'` rather than `<Benchmark.WSOL: 'wsol'>`."""
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
 
 E = TypeVar("E", bound=enum.StrEnum)
 
@@ -34,7 +42,7 @@ def parse(enum_class: type[E], value, name: str) -> E:
         raise ValueError(f"{name}={value!r}: expected one of {choices(enum_class)}") from None
 
 
-class Objective(enum.StrEnum):
+class Objective(Mode):
     """The training loss (CALM.md §1)."""
 
     EM = "em"  # the EM M-step loss of CALM-EM
@@ -42,7 +50,7 @@ class Objective(enum.StrEnum):
     CAM = "cam"  # cross-entropy of the pooled class logits
 
 
-class Method(enum.StrEnum):
+class Method(Mode):
     """A WSOL method: CAM (class head only) or CALM trained by EM or by maximum likelihood."""
 
     CAM = "cam"
@@ -58,14 +66,14 @@ class Method(enum.StrEnum):
         return self is not Method.CAM
 
 
-class Prior(enum.StrEnum):
+class Prior(Mode):
     """p(z | x) from the location scores a: relu(a) normalised (the reference) or softmax(a)."""
 
     RELU = "relu"
     SOFTMAX = "softmax"
 
 
-class MapKind(enum.StrEnum):
+class MapKind(Mode):
     """An attribution map of the ground-truth class."""
 
     JOINT = "joint"  # p(y, z | x), the CALM map
@@ -83,7 +91,7 @@ def map_kinds_of(method: Method) -> tuple[MapKind, ...]:
     return (MapKind.CLASS,) if method == Method.CAM else tuple(MapKind)
 
 
-class Precision(enum.StrEnum):
+class Precision(Mode):
     """Training precision (DeepSpeed: fp32, bf16, or fp16 with dynamic loss scaling)."""
 
     FP32 = "fp32"
@@ -95,7 +103,7 @@ class Precision(enum.StrEnum):
         return {Precision.FP32: torch.float32, Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}[self]
 
 
-class LoaderKind(enum.StrEnum):
+class LoaderKind(Mode):
     """data.loader: FFCV for each split whose .beton matches (auto), FFCV always, or the plain torch loader."""
 
     AUTO = "auto"
@@ -103,7 +111,7 @@ class LoaderKind(enum.StrEnum):
     TORCH = "torch"
 
 
-class Backend(enum.StrEnum):
+class Backend(Mode):
     """Head math: the fused Triton kernels on CUDA tensors and PyTorch elsewhere (auto), or one of them."""
 
     AUTO = "auto"
@@ -111,7 +119,7 @@ class Backend(enum.StrEnum):
     TRITON = "triton"
 
 
-class Schedule(enum.StrEnum):
+class Schedule(Mode):
     """LR schedule: step decay per epoch or cosine; both with optional warm-up.
 
     Both step schedules multiply the LR by lr_decay_factor every lr_decay_frequency (f) epochs; they
@@ -125,14 +133,14 @@ class Schedule(enum.StrEnum):
     COSINE = "cosine"
 
 
-class DecoderMode(enum.StrEnum):
+class DecoderMode(Mode):
     """What the FFCV image decoder does: evaluation's plain resize, or training's reference recipe."""
 
     EVAL = "eval"  # resize straight to input_size²
     REFERENCE = "reference"  # resize to resize_size², random input_size² crop, flip (CALM.md §3)
 
 
-class WriteMode(enum.StrEnum):
+class WriteMode(Mode):
     """How `calm-fast convert` stores images in a .beton."""
 
     JPG = "jpg"
@@ -140,14 +148,14 @@ class WriteMode(enum.StrEnum):
     PROPORTION = "proportion"
 
 
-class Baseline(enum.StrEnum):
+class Baseline(Mode):
     """Class-agnostic baseline maps that a WSOL method must beat."""
 
     CENTRE_GAUSSIAN = "centre-gaussian"
     IMAGE_ENERGY = "image-energy"
 
 
-class Benchmark(enum.StrEnum):
+class Benchmark(Mode):
     """What `calm-fast eval` measures: the WSOL metrics, or the attribution benchmarks of CALM.md §4."""
 
     WSOL = "wsol"  # MaxBoxAcc, MaxBoxAccV2, top-1 localization, PxAP of the ground-truth class's map
@@ -155,14 +163,14 @@ class Benchmark(enum.StrEnum):
     REMOVE_CLASSIFY = "remove-classify"  # R_k: accuracy after erasing a map's top-k pixels / k random pixels
 
 
-class CueGrid(enum.StrEnum):
+class CueGrid(Mode):
     """The threshold grid of cue-localization PxAP."""
 
     LOG = "log"  # the reference's log-spaced thresholds; scores below the first one are dropped
     LINEAR = "linear"  # numpy's arange(0, 1, interval), as the WSOL metrics use
 
 
-class CueNormalization(enum.StrEnum):
+class CueNormalization(Mode):
     """How |map_y1 - map_y2| becomes scores in [0, 1] (the reference's `normalize_scoremap`)."""
 
     AUTO = "auto"  # clip for CALM's probability maps, minmax for class logits and other maps

@@ -294,3 +294,17 @@ def test_modes_are_parsed_when_the_config_is_read():
     listed = load_config(None, ['eval.benchmarks=["wsol", "cue"]'])
     assert listed.eval.benchmarks == [Benchmark.WSOL, Benchmark.CUE]
     assert [type(b) for b in config_to_dict(listed)["eval"]["benchmarks"]] == [str, str]
+
+
+def test_a_bad_choice_on_the_command_line_lists_the_values(capsys):
+    import calm_fast.modes as modes
+    from calm_fast.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["eval", "--benchmark", "wsol", "nope"])
+    message = capsys.readouterr().err
+    assert "invalid choice: 'nope' (choose from " + ", ".join(repr(b.value) for b in modes.Benchmark) in message
+    assert "<Benchmark" not in message
+    # every mode list shares the base that gives this repr
+    assert all(issubclass(getattr(modes, name), modes.Mode) for name in modes.__all__
+               if isinstance(getattr(modes, name), type) and issubclass(getattr(modes, name), modes.enum.StrEnum))
