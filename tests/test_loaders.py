@@ -87,3 +87,23 @@ def test_the_built_loaders_follow_the_choice(converted):
     assert not isinstance(build_eval_loader(training_ffcv, train), FFCVLoader)  # evaluation follows eval_loader
     assert isinstance(build_train_batches(config(root, "auto"), world, train), FFCVTrainBatches)
     assert isinstance(build_train_batches(config(root, "torch"), world, train), TrainBatches)
+
+
+def test_asking_whether_ffcv_imports_keeps_the_thread_counts():
+    """Importing FFCV sets torch's and numba's thread counts to 1; the loader policy asks about FFCV for
+    every split, so without the restore a torch-loader run would train on one thread (a fresh interpreter:
+    the import's side effect happens once per process)."""
+    import subprocess
+    import sys
+
+    def counts_after(statement: str) -> list[int]:
+        code = ("import torch, numba; torch.set_num_threads(2); numba.set_num_threads(min(2, "
+                f"numba.config.NUMBA_NUM_THREADS)); {statement}; print(torch.get_num_threads(), numba.get_num_threads())")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        return [int(v) for v in out.split()]
+
+    import numba
+
+    expected = [2, min(2, numba.config.NUMBA_NUM_THREADS)]
+    assert counts_after("import ffcv.loader")[0] == 1  # the side effect this guards against
+    assert counts_after("from calm_fast.data.ffcv_loader import ffcv_available; assert ffcv_available()") == expected

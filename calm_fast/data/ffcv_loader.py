@@ -21,11 +21,17 @@ __all__ = ["FFCVLoader", "build_ffcv_loader", "ffcv_available"]
 
 
 def ffcv_available() -> bool:
-    """True when FFCV and its compiled parts import."""
+    """True when FFCV and its compiled parts import. Importing FFCV sets torch's and numba's thread counts
+    to 1 (its pipeline compiler does so once, at import); the counts the process had are put back, or a
+    run whose loader policy merely asked about FFCV would train and evaluate on one thread."""
+    torch_threads, numba_threads = torch.get_num_threads(), numba.get_num_threads()
     try:
         import ffcv.loader  # noqa: F401  (the check itself: FFCV stays optional)
     except Exception:  # ImportError, or OSError from a missing shared library
         return False
+    finally:
+        torch.set_num_threads(torch_threads)
+        numba.set_num_threads(numba_threads)
     return True
 
 

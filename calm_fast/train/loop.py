@@ -119,12 +119,13 @@ def _seed_everything(seed: int) -> None:
 
 def _train(cfg: Config, world: World, watchdog: Watchdog, resume: bool) -> dict[str, Any]:
     _quiet_deepspeed()
-    share_cpu_threads(world)
     run_dir = Path(cfg.run_dir)
     existing = _check_run_dir(cfg, world, resume)
 
     _seed_everything(cfg.train.seed)  # identical model initialisation on every rank
     data = build_run_data(cfg, world)
+    # After the loaders: building an FFCV loader sets torch's thread count to its worker count.
+    share_cpu_threads(world)
     train_split, val_split, train_batches, val_loader = (data.train_split, data.val_split, data.train_batches,
                                                          data.val_loader)
     steps_per_epoch = train_batches.steps_per_epoch
