@@ -89,6 +89,7 @@ def test_the_built_loaders_follow_the_choice(converted):
     assert isinstance(build_train_batches(config(root, "torch"), world, train), TrainBatches)
 
 
+@pytest.mark.slow  # two fresh interpreters importing torch and FFCV (~20 s)
 def test_asking_whether_ffcv_imports_keeps_the_thread_counts():
     """Importing FFCV sets torch's and numba's thread counts to 1; the loader policy asks about FFCV for
     every split, so without the restore a torch-loader run would train on one thread (a fresh interpreter:

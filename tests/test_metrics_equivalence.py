@@ -157,7 +157,9 @@ SUITES = {
 }
 
 
-@pytest.mark.parametrize("suite", list(SUITES))
+# The two largest suites (~14 s each on the 2-core machine) run under `make test`, not in the dev loop.
+@pytest.mark.parametrize("suite", [pytest.param(name, marks=pytest.mark.slow) if name.startswith("small-") else name
+                                   for name in SUITES])
 def test_fast_path_matches_opencv_loop(suite):
     batches, count, shape_range, peak_range, kinds = SUITES[suite]
     for batch in range(batches):
